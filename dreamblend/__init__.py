@@ -1,0 +1,1 @@
+"""DreamBlend: cross-attention guided blending of personalization checkpoints."""

@@ -1,0 +1,168 @@
+"""The public op API: cross-attention that captures maps, or scores them against a reference.
+
+Shapes follow DESIGN §2: ``q (B, H, M, D)``, ``k, v (B, H, N, D)``. Maps are float32
+``(B, H, M, T)`` or head-mean ``(B, M, T)`` for ``T`` selected tokens (all ``N`` by default).
+Three backends implement the same contract and are chosen per call:
+
+- ``"triton"``: fused kernels (``dreamblend.kernels``); CUDA tensors, or CPU under TRITON_INTERPRET=1;
+- ``"cpp"``: the C++ CPU extension, when it was built;
+- ``"torch"``: the reference, always available.
+
+``"auto"`` takes triton on CUDA, cpp on CPU when built, else torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from dreamblend.ops import reference
+
+__all__ = ["BACKENDS", "available_backends", "capture_attention", "guided_attention", "resolve_backend"]
+
+BACKENDS = ("auto", "triton", "cpp", "torch")
+_LOADERS = {"triton": "dreamblend.kernels", "cpp": "dreamblend.ops.cpp"}
+_loaded: dict[str, ModuleType | Exception] = {}
+
+TokenSpec = Sequence[int] | Tensor | None
+
+
+def _load(name: str) -> ModuleType | Exception:
+    if name not in _loaded:
+        try:
+            module = importlib.import_module(_LOADERS[name])
+            if not getattr(module, "AVAILABLE", True):
+                raise ImportError(getattr(module, "UNAVAILABLE_REASON", f"backend {name!r} is not available"))
+            _loaded[name] = module
+        except Exception as exc:  # noqa: BLE001 - reported to the caller who asked for the backend
+            _loaded[name] = exc
+    return _loaded[name]
+
+
+def available_backends() -> list[str]:
+    """Backends that can run here (triton only counts where CUDA or the interpreter is present)."""
+    names = ["torch"]
+    for name in ("cpp", "triton"):
+        if not isinstance(_load(name), Exception):
+            names.append(name)
+    return names
+
+
+def _triton_runs_on(t: Tensor) -> bool:
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device | Tensor) -> ModuleType:
+    """The module that implements ``backend`` for tensors on ``device``; clear errors otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    probe = device if isinstance(device, Tensor) else torch.empty(0, device=device)
+    if backend == "auto":
+        if probe.is_cuda and not isinstance(_load("triton"), Exception):
+            return _load("triton")
+        if not probe.is_cuda and not isinstance(_load("cpp"), Exception):
+            return _load("cpp")
+        return reference
+    if backend == "torch":
+        return reference
+    module = _load(backend)
+    if isinstance(module, Exception):
+        raise RuntimeError(f"backend {backend!r} is unavailable: {module}. Use backend='torch' or 'auto'.")
+    if backend == "triton" and not _triton_runs_on(probe):
+        raise RuntimeError(
+            "backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU debugging); "
+            "use backend='auto' to pick the best backend for the device"
+        )
+    if backend == "cpp" and probe.is_cuda:
+        raise RuntimeError("backend 'cpp' runs on CPU tensors only; use backend='auto' or 'triton' on CUDA")
+    return module
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"expected q (B, H, M, D) and k, v (B, H, N, D); got q{tuple(q.shape)}, "
+            f"k{tuple(k.shape)}, v{tuple(v.shape)}"
+        )
+    b, h, _, d = q.shape
+    if k.shape != v.shape or k.shape[:2] != (b, h) or k.shape[-1] != d:
+        raise ValueError(
+            f"q{tuple(q.shape)}, k{tuple(k.shape)} and v{tuple(v.shape)} must share B, H and D, "
+            "and k and v must have the same shape"
+        )
+    if k.shape[2] == 0 or q.shape[2] == 0:
+        raise ValueError("attention needs at least one query and one key position")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise TypeError(f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def normalize_tokens(tokens: TokenSpec, n: int, device: torch.device) -> Tensor | None:
+    """Token indices as an int64 tensor on ``device`` (negatives wrap), or None for all ``n``."""
+    if tokens is None:
+        return None
+    idx = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+    if idx.numel() == 0:
+        raise ValueError("tokens is empty; pass None to capture every token")
+    bad = idx[(idx >= n) | (idx < -n)]
+    if bad.numel():
+        raise ValueError(
+            f"token index {bad.tolist()} out of range for a text sequence of N={n} tokens; "
+            f"pick indices in [0, {n}) (e.g. from the tokenizer's ids for the prompt)"
+        )
+    return torch.where(idx < 0, idx + n, idx).to(device)
+
+
+def map_shape(q: Tensor, n_tokens: int, head_mean: bool) -> tuple[int, ...]:
+    b, h, m, _ = q.shape
+    return (b, m, n_tokens) if head_mean else (b, h, m, n_tokens)
+
+
+def _prepare(q, k, v, scale, tokens):
+    _check_qkv(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return scale, normalize_tokens(tokens, k.shape[2], q.device)
+
+
+def capture_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float | None = None,
+    tokens: TokenSpec = None,
+    head_mean: bool = False,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Attention output (dtype of ``q``) and float32 maps; differentiable w.r.t. q, k, v."""
+    scale, idx = _prepare(q, k, v, scale, tokens)
+    return resolve_backend(backend, q).capture_attention(q, k, v, scale, idx, head_mean)
+
+
+def guided_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    ref: Tensor,
+    *,
+    scale: float | None = None,
+    tokens: TokenSpec = None,
+    head_mean: bool = False,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Attention output and the float32 per-sample L1 distance ``(B,)`` of its maps to ``ref``."""
+    scale, idx = _prepare(q, k, v, scale, tokens)
+    expected = map_shape(q, k.shape[2] if idx is None else idx.numel(), head_mean)
+    if tuple(ref.shape) != expected:
+        raise ValueError(
+            f"reference map has shape {tuple(ref.shape)}, expected {expected} "
+            f"({'head-mean' if head_mean else 'per-head'} maps for {expected[-1]} tokens); "
+            "record it with the same tokens, head_mean and batch"
+        )
+    ref = ref.to(device=q.device, dtype=reference.compute_dtype(q))
+    return resolve_backend(backend, q).guided_attention(q, k, v, ref, scale, idx, head_mean)

@@ -1,0 +1,145 @@
+"""DreamBlendProcessor: a drop-in ``AttnProcessor2_0`` that can capture or guide cross-attention.
+
+Self-attention and unselected layers run ``F.scaled_dot_product_attention`` exactly as the stock
+processor does; selected cross-attention layers route the attention core through
+:func:`dreamblend.ops.capture_attention` (record) or :func:`dreamblend.ops.guided_attention`
+(guide). Prologue and epilogue (spatial/group norm, ``norm_cross``, ``norm_q/k``, ``to_out``,
+residual, ``rescale_output_factor``) follow the stock processor line for line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dreamblend import ops
+from dreamblend.store import AttentionStore, LayerPlan
+
+
+class DreamBlendProcessor:
+    """Attention processor for diffusers ``Attention`` modules.
+
+    With ``store=None`` (or the store off) it equals ``AttnProcessor2_0``. Install one instance on
+    every layer: ``unet.set_attn_processor(DreamBlendProcessor(store))``.
+    """
+
+    def __init__(self, store: AttentionStore | None = None) -> None:
+        self.store = store
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        plan = None
+        if self.store is not None:
+            plan = self.store.plan(attn, query.shape[2], key.shape[2], query.device)
+        if plan is None:
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
+        else:
+            if attention_mask is not None:
+                raise ValueError(
+                    f"layer {plan.name!r}: capturing attention maps with an attention mask is not supported; "
+                    "drop encoder_attention_mask or exclude the layer via AttentionStore(layers=...)"
+                )
+            hidden_states = self._attend(attn, plan, query, key, value)
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _attend(self, attn: nn.Module, plan: LayerPlan, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The captured/guided attention core; rows outside ``plan.rows`` run plain SDPA."""
+        store = self.store
+        rows = plan.rows or slice(None)
+        start, stop, _ = rows.indices(q.shape[0])
+        if stop <= start:
+            raise ValueError(f"layer {plan.name!r}: rows={plan.rows} selects no sample of a batch of {q.shape[0]}")
+        sel = (q[start:stop], k[start:stop], v[start:stop])
+        options = dict(scale=attn.scale, tokens=plan.tokens, head_mean=store.head_mean, backend=store.backend)
+        if plan.mode == "record":
+            out, result = ops.capture_attention(*sel, **options)
+        else:
+            out, result = ops.guided_attention(*sel, store.check_ref(plan, sel[0], k.shape[2]), **options)
+        store.put(plan, result)
+        if (start, stop) == (0, q.shape[0]):
+            return out
+        parts = [out]
+        if start > 0:
+            parts.insert(0, F.scaled_dot_product_attention(q[:start], k[:start], v[:start]))
+        if stop < q.shape[0]:
+            parts.append(F.scaled_dot_product_attention(q[stop:], k[stop:], v[stop:]))
+        return torch.cat(parts, dim=0)
+
+
+@contextmanager
+def attach(model: nn.Module, store: AttentionStore | None = None) -> Iterator[AttentionStore]:
+    """Install :class:`DreamBlendProcessor` on every attention layer of ``model`` for the block.
+
+    The previous processors (whatever they were: stock, LoRA-aware, user-made) are restored on
+    exit, also when the block raises. Yields the store (a fresh one if none is given).
+    """
+    store = AttentionStore() if store is None else store
+    if not hasattr(model, "set_attn_processor") or not hasattr(model, "attn_processors"):
+        raise TypeError(f"attach() needs a diffusers model with attention processors, got {type(model).__name__}")
+    previous = dict(model.attn_processors)
+    store.bind(model)
+    model.set_attn_processor(DreamBlendProcessor(store))
+    try:
+        yield store
+    finally:
+        model.set_attn_processor(dict(previous))

@@ -1,0 +1,287 @@
+"""AttentionStore: what to capture, and what was captured, for DreamBlendProcessor.
+
+Control state lives here rather than in ``cross_attention_kwargs`` so one processor object can
+serve every layer and the pipeline can switch between recording G and guiding E without
+re-installing processors. Results are keyed by the attention module's name, never by call order,
+so gradient checkpointing (which re-runs forwards during the backward) cannot double-capture.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dreamblend.ops import BACKENDS, TokenSpec, map_shape, normalize_tokens
+
+LayerSpec = str | int
+CROSS_ATTENTION_EXAMPLE = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+
+
+def in_backward_pass() -> bool:
+    """True while autograd runs a backward (e.g. gradient checkpointing re-running a forward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def is_attention(module: nn.Module) -> bool:
+    """diffusers attention modules are the ones that carry a swappable processor."""
+    return hasattr(module, "set_processor") and hasattr(module, "processor")
+
+
+def is_cross_attention(module: nn.Module) -> bool:
+    return bool(getattr(module, "is_cross_attention", False))
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What the processor does in one cross-attention layer for one call."""
+
+    name: str
+    mode: str  # "record" | "guide"
+    tokens: Tensor | None
+    ref: Tensor | None
+    rows: slice | None
+    write: bool  # False while a checkpointed forward is recomputed in the backward
+
+
+class AttentionStore:
+    """Selects cross-attention layers/tokens and holds captured maps or guidance losses.
+
+    Args:
+        tokens: token indices to capture (default: all ``N`` text tokens).
+        head_mean: capture the head-mean map ``(B, M, T)`` instead of per-head ``(B, H, M, T)``.
+        layers: which cross-attention layers take part: ``None`` for all, or a sequence of glob
+            patterns on layer names (a pattern without wildcards also matches as a dotted prefix,
+            so ``"up_blocks.1"`` selects every layer inside it) and ints ``r`` selecting layers
+            whose maps are ``r x r`` (``M == r * r``, as in prompt-to-prompt).
+        backend: op backend, see :mod:`dreamblend.ops`.
+
+    Use ``with store.record(): unet(...)`` to fill :attr:`maps`, and
+    ``with store.guide(ref_maps): unet(...)`` to make :attr:`loss` a differentiable ``(B,)``
+    tensor. With gradient checkpointing on, run the backward inside the same context.
+    """
+
+    def __init__(
+        self,
+        tokens: TokenSpec = None,
+        head_mean: bool = False,
+        layers: LayerSpec | Sequence[LayerSpec] | None = None,
+        backend: str = "auto",
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        if isinstance(layers, (str, int)):
+            layers = [layers]
+        self.layers: tuple[LayerSpec, ...] | None = None if layers is None else tuple(layers)
+        for spec in self.layers or ():
+            if isinstance(spec, bool) or not isinstance(spec, (str, int)) or (isinstance(spec, int) and spec < 1):
+                raise TypeError(f"layers entries must be name patterns (str) or resolutions (int >= 1); got {spec!r}")
+        normalize_tokens(tokens, 1 << 62, torch.device("cpu"))  # fail early on malformed token lists
+        self.tokens = None if tokens is None else torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+        self.head_mean = head_mean
+        self.backend = backend
+        self.maps: dict[str, Tensor] = {}
+        self.losses: dict[str, Tensor] = {}
+        self.mode = "off"
+        self._ref: Mapping[str, Tensor] | None = None
+        self._rows: slice | None = None
+        self._names: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+        self._bound_roots: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._seen: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._explicitly_bound = False
+        self._token_cache: dict[tuple[int, torch.device], Tensor | None] = {}
+
+    # ----------------------------------------------------------------- results
+    @property
+    def loss(self) -> Tensor | None:
+        """Sum over guided layers of the per-sample L1 map distance, ``(B,)`` float32."""
+        if not self.losses:
+            return None
+        return torch.stack(list(self.losses.values())).sum(dim=0)
+
+    # ----------------------------------------------------------------- naming
+    def bind(self, model: nn.Module) -> list[str]:
+        """Name ``model``'s attention modules and check ``layers`` against them.
+
+        :func:`dreamblend.attach` calls this; a bare ``set_attn_processor`` install binds lazily
+        on the first recorded or guided forward. Returns the selected cross-attention layer names.
+        """
+        self._explicitly_bound = True
+        return self._bind(model)
+
+    def _bind(self, model: nn.Module) -> list[str]:
+        if model in self._bound_roots:
+            return self.selected_layers(model)
+        attention = [(name, mod) for name, mod in model.named_modules() if is_attention(mod)]
+        for name, mod in attention:
+            self._names.setdefault(mod, name)
+        self._bound_roots.add(model)
+        self._check_patterns(attention)
+        return self.selected_layers(model)
+
+    def _check_patterns(self, attention: list[tuple[str, nn.Module]]) -> None:
+        cross = [name for name, mod in attention if is_cross_attention(mod)]
+        if not cross:
+            return  # a model part without cross-attention (e.g. a VAE) is not an error
+        for pattern in self.layers or ():
+            if not isinstance(pattern, str):
+                continue
+            if any(self._matches(pattern, name) for name in cross):
+                continue
+            self_attn = [name for name, mod in attention if not is_cross_attention(mod) and self._matches(pattern, name)]
+            if self_attn:
+                raise ValueError(
+                    f"layer pattern {pattern!r} selects self-attention layer(s) such as {self_attn[0]!r}; "
+                    "maps are captured on cross-attention layers only (names ending in 'attn2')"
+                )
+            raise ValueError(
+                f"layer pattern {pattern!r} matches no cross-attention layer; names look like "
+                f"{cross[0]!r} ({len(cross)} layers, e.g. {CROSS_ATTENTION_EXAMPLE!r}); "
+                "use a glob such as 'up_blocks.*' or a dotted prefix such as 'mid_block'"
+            )
+
+    @staticmethod
+    def _matches(pattern: str, name: str) -> bool:
+        if any(c in pattern for c in "*?["):
+            return fnmatch.fnmatchcase(name, pattern)
+        return name == pattern or name.startswith(pattern + ".")
+
+    def selects(self, name: str, num_queries: int | None = None) -> bool:
+        """Whether cross-attention layer ``name`` (with ``num_queries`` positions) takes part."""
+        if self.layers is None:
+            return True
+        for spec in self.layers:
+            if isinstance(spec, str) and self._matches(spec, name):
+                return True
+            if isinstance(spec, int) and num_queries is not None and num_queries == spec * spec:
+                return True
+        return False
+
+    def selected_layers(self, model: nn.Module) -> list[str]:
+        """Names of ``model``'s cross-attention layers selected by name patterns (ints need a forward)."""
+        names = [n for n, m in model.named_modules() if is_attention(m) and is_cross_attention(m)]
+        return [n for n in names if self.selects(n)]
+
+    def name_of(self, attn: nn.Module) -> str | None:
+        return self._names.get(attn)
+
+    # ----------------------------------------------------------------- modes
+    @contextmanager
+    def record(self, rows: slice | None = None) -> Iterator[AttentionStore]:
+        """Capture maps of the selected layers into :attr:`maps` (cleared on entry).
+
+        ``rows`` restricts capture to a slice of the batch (e.g. the conditional half of a
+        classifier-free-guidance batch); other rows run plain attention.
+        """
+        self.maps = {}
+        with self._active("record", rows):
+            yield self
+        self._check_selection(self.maps)
+
+    @contextmanager
+    def guide(self, ref_maps: Mapping[str, Tensor] | None = None, rows: slice | None = None) -> Iterator[
+        AttentionStore
+    ]:
+        """Score the selected layers against ``ref_maps`` (default: the last recording) into :attr:`loss`."""
+        if ref_maps is None:
+            if not self.maps:
+                raise RuntimeError(
+                    "guide() has no reference maps: record them first with `with store.record(): unet(...)` "
+                    "or pass ref_maps={layer name: map}"
+                )
+            ref_maps = {name: m.detach() for name, m in self.maps.items()}
+        if not isinstance(ref_maps, Mapping) or not ref_maps:
+            raise TypeError("ref_maps must be a non-empty mapping {layer name: map tensor}")
+        self._ref = ref_maps
+        self.losses = {}
+        try:
+            with self._active("guide", rows):
+                yield self
+        finally:
+            self._ref = None
+        self._check_selection(self.losses)
+
+    @contextmanager
+    def _active(self, mode: str, rows: slice | None) -> Iterator[None]:
+        if self.mode != "off":
+            raise RuntimeError(f"store is already in {self.mode!r} mode; record() and guide() do not nest")
+        if rows is not None and (not isinstance(rows, slice) or rows.step not in (None, 1)):
+            raise TypeError(f"rows must be a contiguous slice of the batch, got {rows!r}")
+        hook = None
+        if not self._explicitly_bound:
+            hook = nn.modules.module.register_module_forward_pre_hook(self._bind_hook)
+        self.mode, self._rows = mode, rows
+        try:
+            yield
+        finally:
+            self.mode, self._rows = "off", None
+            if hook is not None:
+                hook.remove()
+
+    def _bind_hook(self, module: nn.Module, args: object) -> None:
+        # The outermost module runs its pre-hook first, so names are rooted at the model called;
+        # its submodules then find their attention layers already named and are skipped.
+        if module in self._seen:
+            return
+        self._seen.add(module)
+        if any(m not in self._names for m in _attention_modules(module)):
+            self._bind(module)
+
+    def _check_selection(self, results: Mapping[str, Tensor]) -> None:
+        if self.layers is not None and not results and self._bound_roots:
+            raise ValueError(
+                f"layers={list(self.layers)} selected no cross-attention layer in this pass; ints select "
+                "layers whose maps are r x r (e.g. 16 for 16x16 maps), strings match layer names"
+            )
+
+    # ----------------------------------------------------------------- processor side
+    def plan(self, attn: nn.Module, num_queries: int, num_keys: int, device: torch.device) -> LayerPlan | None:
+        """What to do in ``attn`` for this call, or None to run plain attention."""
+        if self.mode == "off":
+            return None
+        name = self._names.get(attn)
+        if name is None or not is_cross_attention(attn) or not self.selects(name, num_queries):
+            return None
+        tokens = self._tokens_for(num_keys, device)
+        ref = None
+        if self.mode == "guide":
+            ref = self._ref.get(name) if self._ref is not None else None
+            if ref is None:
+                raise KeyError(
+                    f"no reference map for layer {name!r}; the reference has {len(self._ref or {})} layers "
+                    f"(e.g. {next(iter(self._ref or {'-': None}))!r}); record it with the same layers setting"
+                )
+        return LayerPlan(name, self.mode, tokens, ref, self._rows, write=not in_backward_pass())
+
+    def check_ref(self, plan: LayerPlan, q: Tensor, num_keys: int) -> Tensor:
+        """The plan's reference map on q's device, with a layer-named error if its shape is wrong."""
+        n_tok = num_keys if plan.tokens is None else plan.tokens.numel()
+        expected = map_shape(q, n_tok, self.head_mean)
+        ref = plan.ref
+        if tuple(ref.shape) != expected:
+            raise ValueError(
+                f"reference map for layer {plan.name!r} has shape {tuple(ref.shape)}, expected {expected} "
+                f"({'head-mean' if self.head_mean else 'per-head'}, batch {q.shape[0]}, {n_tok} tokens); "
+                "record the reference with the same batch size, tokens and head_mean"
+            )
+        return ref.to(device=q.device)
+
+    def put(self, plan: LayerPlan, value: Tensor) -> None:
+        if not plan.write:
+            return
+        (self.maps if plan.mode == "record" else self.losses)[plan.name] = value
+
+    def _tokens_for(self, num_keys: int, device: torch.device) -> Tensor | None:
+        key = (num_keys, device)
+        if key not in self._token_cache:
+            self._token_cache[key] = normalize_tokens(self.tokens, num_keys, device)
+        return self._token_cache[key]
+
+
+def _attention_modules(module: nn.Module) -> Iterable[nn.Module]:
+    return (m for m in module.modules() if is_attention(m))

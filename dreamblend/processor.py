@@ -108,7 +108,9 @@ class DreamBlendProcessor:
         rows = plan.rows or slice(None)
         start, stop, _ = rows.indices(q.shape[0])
         if stop <= start:
-            raise ValueError(f"layer {plan.name!r}: rows={plan.rows} selects no sample of a batch of {q.shape[0]}")
+            raise ValueError(
+                f"layer {plan.name!r}: rows={plan.rows} selects no sample of a batch of {q.shape[0]}"
+            )
         sel = (q[start:stop], k[start:stop], v[start:stop])
         options = dict(scale=attn.scale, tokens=plan.tokens, head_mean=store.head_mean, backend=store.backend)
         if plan.mode == "record":
@@ -135,7 +137,9 @@ def attach(model: nn.Module, store: AttentionStore | None = None) -> Iterator[At
     """
     store = AttentionStore() if store is None else store
     if not hasattr(model, "set_attn_processor") or not hasattr(model, "attn_processors"):
-        raise TypeError(f"attach() needs a diffusers model with attention processors, got {type(model).__name__}")
+        raise TypeError(
+            f"attach() needs a diffusers model with attention processors, got {type(model).__name__}"
+        )
     previous = dict(model.attn_processors)
     store.bind(model)
     model.set_attn_processor(DreamBlendProcessor(store))

@@ -79,8 +79,14 @@ class AttentionStore:
             layers = [layers]
         self.layers: tuple[LayerSpec, ...] | None = None if layers is None else tuple(layers)
         for spec in self.layers or ():
-            if isinstance(spec, bool) or not isinstance(spec, (str, int)) or (isinstance(spec, int) and spec < 1):
-                raise TypeError(f"layers entries must be name patterns (str) or resolutions (int >= 1); got {spec!r}")
+            if (
+                isinstance(spec, bool)
+                or not isinstance(spec, (str, int))
+                or (isinstance(spec, int) and spec < 1)
+            ):
+                raise TypeError(
+                    f"layers entries must be name patterns (str) or resolutions (int >= 1); got {spec!r}"
+                )
         normalize_tokens(tokens, 1 << 62, torch.device("cpu"))  # fail early on malformed token lists
         self.tokens = None if tokens is None else torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
         self.head_mean = head_mean
@@ -133,7 +139,11 @@ class AttentionStore:
                 continue
             if any(self._matches(pattern, name) for name in cross):
                 continue
-            self_attn = [name for name, mod in attention if not is_cross_attention(mod) and self._matches(pattern, name)]
+            self_attn = [
+                name
+                for name, mod in attention
+                if not is_cross_attention(mod) and self._matches(pattern, name)
+            ]
             if self_attn:
                 raise ValueError(
                     f"layer pattern {pattern!r} selects self-attention layer(s) such as {self_attn[0]!r}; "
@@ -184,9 +194,9 @@ class AttentionStore:
         self._check_selection(self.maps)
 
     @contextmanager
-    def guide(self, ref_maps: Mapping[str, Tensor] | None = None, rows: slice | None = None) -> Iterator[
-        AttentionStore
-    ]:
+    def guide(
+        self, ref_maps: Mapping[str, Tensor] | None = None, rows: slice | None = None
+    ) -> Iterator[AttentionStore]:
         """Score the selected layers against ``ref_maps`` (default: the last recording) into :attr:`loss`."""
         if ref_maps is None:
             if not self.maps:
@@ -240,7 +250,9 @@ class AttentionStore:
             )
 
     # ----------------------------------------------------------------- processor side
-    def plan(self, attn: nn.Module, num_queries: int, num_keys: int, device: torch.device) -> LayerPlan | None:
+    def plan(
+        self, attn: nn.Module, num_queries: int, num_keys: int, device: torch.device
+    ) -> LayerPlan | None:
         """What to do in ``attn`` for this call, or None to run plain attention."""
         if self.mode == "off":
             return None

@@ -59,13 +59,13 @@ def _attention_backward(
     # Delta = rowsum(P * dP): the shortcut rowsum(dO * O) is wrong once the maps carry a gradient.
     d_s = probs * (d_p - (probs * d_p).sum(dim=-1, keepdim=True))
     d_q = torch.matmul(d_s, k.to(probs.dtype)).mul_(ctx.scale).to(q.dtype) if need_q else None
-    d_k = torch.matmul(d_s.transpose(-1, -2), q.to(probs.dtype)).mul_(ctx.scale).to(k.dtype) if need_k else None
+    d_k = (
+        torch.matmul(d_s.transpose(-1, -2), q.to(probs.dtype)).mul_(ctx.scale).to(k.dtype) if need_k else None
+    )
     d_v = None
     if need_v:
         d_v = (
-            torch.zeros_like(v)
-            if d_out is None
-            else torch.matmul(probs.transpose(-1, -2), d_out).to(v.dtype)
+            torch.zeros_like(v) if d_out is None else torch.matmul(probs.transpose(-1, -2), d_out).to(v.dtype)
         )
     return d_q, d_k, d_v
 

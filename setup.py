@@ -3,6 +3,6 @@
 from setuptools import setup
 
 setup(
-    packages=["dreamblend", "dreamblend.ops", "dreamblend.pipelines", "dreamblend.kernels"],
+    packages=["dreamblend", "dreamblend.ops", "dreamblend.pipelines", "dreamblend.commands", "dreamblend.kernels"],
     package_dir={"dreamblend.kernels": "kernels"},
 )

@@ -1,0 +1,1 @@
+"""Subcommands of the ``dreamblend`` CLI."""

@@ -1,8 +1,8 @@
 """Packaging: `kernels/` ships as `dreamblend.kernels` (the top-level name `kernels` is taken)."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
-    packages=["dreamblend", "dreamblend.ops", "dreamblend.pipelines", "dreamblend.commands", "dreamblend.kernels"],
+    packages=[*find_packages(include=["dreamblend", "dreamblend.*"]), "dreamblend.kernels"],
     package_dir={"dreamblend.kernels": "kernels"},
 )

@@ -24,7 +24,12 @@ CROSS_ATTENTION_EXAMPLE = "down_blocks.1.attentions.0.transformer_blocks.0.attn2
 
 
 def in_backward_pass() -> bool:
-    """True while autograd runs a backward (e.g. gradient checkpointing re-running a forward)."""
+    """True while autograd runs a backward (e.g. gradient checkpointing re-running a forward).
+
+    Compiled graphs never re-enter Python for recomputation, so tracing always sees a forward.
+    """
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 

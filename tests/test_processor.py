@@ -346,3 +346,23 @@ def test_modes_do_not_nest():
     store = AttentionStore()
     with store.record(), pytest.raises(RuntimeError, match="do not nest"), store.record():
         pass
+
+
+def test_processor_traces_fullgraph_under_torch_compile():
+    """Dynamo traces the processor without graph breaks in every mode (aot_eager: no codegen on CPU)."""
+    unet = sd_unet()
+    x, t, c, kw = unet_inputs(unet)
+    ref = perturbed_ref(unet, x, t, c, kw)
+    loss, grad = guided_latent_grad(unet, x, t, c, kw, ref, AttentionStore(backend="torch"))
+    store = AttentionStore(backend="torch")
+    with attach(unet, store):
+        compiled = torch.compile(unet, fullgraph=True, backend="aot_eager")
+        with torch.no_grad(), store.record():
+            compiled(x, t, c, **kw)
+        assert set(store.maps) == set(ref)
+        xg = x.clone().requires_grad_()
+        with store.guide(ref):
+            compiled(xg, t, c, **kw)
+            (compiled_grad,) = torch.autograd.grad(store.loss.sum(), xg)
+    torch.testing.assert_close(store.loss.detach(), loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled_grad, grad, rtol=1e-5, atol=1e-6)

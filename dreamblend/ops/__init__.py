@@ -27,59 +27,51 @@ from dreamblend.ops import reference
 __all__ = ["BACKENDS", "available_backends", "capture_attention", "guided_attention", "resolve_backend"]
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
-_LOADERS = {"triton": "dreamblend.kernels", "cpp": "dreamblend.ops.cpp"}
-_loaded: dict[str, ModuleType | Exception] = {}
-
 TokenSpec = Sequence[int] | Tensor | None
 
 
-def _load(name: str) -> ModuleType | Exception:
-    if name not in _loaded:
-        try:
-            module = importlib.import_module(_LOADERS[name])
-            if not getattr(module, "AVAILABLE", True):
-                raise ImportError(getattr(module, "UNAVAILABLE_REASON", f"backend {name!r} is not available"))
-            _loaded[name] = module
-        except Exception as exc:  # noqa: BLE001 - reported to the caller who asked for the backend
-            _loaded[name] = exc
-    return _loaded[name]
+def _import_backend(module_name: str) -> ModuleType | Exception:
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - reported to whoever asks for this backend
+        return exc
+    if not getattr(module, "AVAILABLE", True):
+        return ImportError(getattr(module, "UNAVAILABLE_REASON", f"{module_name} is not available"))
+    return module
+
+
+# Imported once, up front: resolving a backend inside a traced (torch.compile) region must be
+# plain lookups, and TRITON_INTERPRET is read by triton at import time anyway.
+_BACKENDS: dict[str, ModuleType | Exception] = {
+    "torch": reference,
+    "triton": _import_backend("dreamblend.kernels"),
+    "cpp": _import_backend("dreamblend.ops.cpp"),
+}
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available_backends() -> list[str]:
-    """Backends that can run here (triton only counts where CUDA or the interpreter is present)."""
-    names = ["torch"]
-    for name in ("cpp", "triton"):
-        if not isinstance(_load(name), Exception):
-            names.append(name)
-    return names
-
-
-def _triton_runs_on(t: Tensor) -> bool:
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    """Backends that loaded here (triton runs on CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
+    return [name for name, module in _BACKENDS.items() if not isinstance(module, Exception)]
 
 
 def resolve_backend(backend: str, device: torch.device | Tensor) -> ModuleType:
     """The module that implements ``backend`` for tensors on ``device``; clear errors otherwise."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    probe = device if isinstance(device, Tensor) else torch.empty(0, device=device)
+    is_cuda = device.is_cuda if isinstance(device, Tensor) else torch.device(device).type == "cuda"
     if backend == "auto":
-        if probe.is_cuda and not isinstance(_load("triton"), Exception):
-            return _load("triton")
-        if not probe.is_cuda and not isinstance(_load("cpp"), Exception):
-            return _load("cpp")
-        return reference
-    if backend == "torch":
-        return reference
-    module = _load(backend)
+        preferred = _BACKENDS["triton" if is_cuda else "cpp"]
+        return reference if isinstance(preferred, Exception) else preferred
+    module = _BACKENDS[backend]
     if isinstance(module, Exception):
         raise RuntimeError(f"backend {backend!r} is unavailable: {module}. Use backend='torch' or 'auto'.")
-    if backend == "triton" and not _triton_runs_on(probe):
+    if backend == "triton" and not (is_cuda or _TRITON_INTERPRET):
         raise RuntimeError(
             "backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU debugging); "
             "use backend='auto' to pick the best backend for the device"
         )
-    if backend == "cpp" and probe.is_cuda:
+    if backend == "cpp" and is_cuda:
         raise RuntimeError("backend 'cpp' runs on CPU tensors only; use backend='auto' or 'triton' on CUDA")
     return module
 

@@ -1,9 +1,18 @@
-"""Shared test configuration: GPU tests skip without CUDA; CPU tests always run."""
+"""Shared test configuration: GPU tests skip without CUDA; CPU tests always run.
+
+Without CUDA, Triton kernels run under the interpreter. triton reads TRITON_INTERPRET when kernels
+are defined, so it is set here, before any test module imports dreamblend.
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

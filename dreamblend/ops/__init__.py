@@ -24,7 +24,14 @@ from torch import Tensor
 
 from dreamblend.ops import reference
 
-__all__ = ["BACKENDS", "available_backends", "capture_attention", "guided_attention", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "capture_attention",
+    "guided_attention",
+    "resolve_backend",
+    "resolved_backend_name",
+]
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 TokenSpec = Sequence[int] | Tensor | None
@@ -74,6 +81,12 @@ def resolve_backend(backend: str, device: torch.device | Tensor) -> ModuleType:
     if backend == "cpp" and is_cuda:
         raise RuntimeError("backend 'cpp' runs on CPU tensors only; use backend='auto' or 'triton' on CUDA")
     return module
+
+
+def resolved_backend_name(backend: str, device: torch.device | Tensor) -> str:
+    """The name ("triton", "cpp" or "torch") of the backend ``backend`` resolves to on ``device``."""
+    module = resolve_backend(backend, device)
+    return next(name for name, loaded in _BACKENDS.items() if loaded is module)
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:

@@ -1,0 +1,1 @@
+"""Kernel, training and end-to-end benchmarks, run from a source checkout: ``python -m benchmarks.NAME``."""

@@ -1,0 +1,408 @@
+"""End-to-end DreamBlend benchmark: guided steps and whole images against the peers of DESIGN §6.
+
+Every configuration (model x dtype x workload x batch x peer) runs in this one process on one
+device with the same inputs, and appends one JSON line (schema: :mod:`benchmarks.schema`) to the
+results file as soon as it is measured, so an interrupted run keeps what it finished. A
+configuration that runs out of memory is recorded as ``"oom"`` and the run goes on.
+
+    python -m benchmarks.e2e                      # full matrix on the default device
+    python -m benchmarks.e2e --smoke              # tiny models on CPU in well under a minute
+    python -m benchmarks.e2e --models sd15 --workloads image --steps 10 25 50 --batches 1
+
+``dreamblend bench ARGS`` runs the same from a source checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from functools import partial
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import UNet2DConditionModel
+
+from benchmarks.models import (
+    MODELS,
+    SMOKE_MODELS,
+    TEXT_TOKENS,
+    ModelSpec,
+    build_unet,
+    make_inputs,
+)
+from benchmarks.peers import PEERS, Peer, attached
+from benchmarks.schema import SCHEMA_VERSION, validate
+from benchmarks.workloads import Run, image, lockstep, sampler_for
+from dreamblend.pipelines.blend import resolve_alpha
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "e2e.jsonl"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+ALL_MODELS: dict[str, ModelSpec] = {**MODELS, **SMOKE_MODELS}
+
+# Matrix defaults: the full run, and the smoke run that must exercise every code path quickly.
+FULL = {
+    "models": list(MODELS),
+    "dtypes": ["float16", "bfloat16"],
+    "batches": [1, 4, 8],
+    "workloads": ["step", "image"],
+    "steps": [50],
+    "warmup": 3,
+    "repeats": 10,
+    "image_repeats": 3,
+}
+SMOKE = {
+    "models": list(SMOKE_MODELS),
+    "dtypes": ["float32"],
+    "batches": [2],
+    "workloads": ["step", "image"],
+    "steps": [1, 2],
+    "warmup": 1,
+    "repeats": 1,
+    "image_repeats": 1,
+    "peers": list(PEERS),
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="benchmarks.e2e", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny models, few steps; checks code paths, not speed"
+    )
+    parser.add_argument(
+        "--models", nargs="+", choices=sorted(ALL_MODELS), metavar="MODEL", help=", ".join(ALL_MODELS)
+    )
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES))
+    parser.add_argument("--batches", nargs="+", type=int)
+    parser.add_argument(
+        "--peers",
+        nargs="+",
+        choices=sorted(PEERS),
+        metavar="PEER",
+        help=f"{', '.join(PEERS)}; default: those that run on the device (named ones that cannot are "
+        "recorded as unavailable)",
+    )
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        choices=["step", "image"],
+        help="step: one guided DreamBlend timestep; image: whole UNet loops of --steps steps",
+    )
+    parser.add_argument("--steps", nargs="+", type=int, help="image lengths (memory must stay flat in steps)")
+    parser.add_argument("--warmup", type=int, help="untimed timesteps before timing a configuration")
+    parser.add_argument("--repeats", type=int, help="timed repeats of the step workload")
+    parser.add_argument("--image-repeats", type=int, help="timed repeats of the image workload")
+    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--out", type=Path, help=f"JSONL to append to (default {DEFAULT_OUT.relative_to(ROOT)})"
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        help="start no new configuration after this many seconds (results so far stay)",
+    )
+    parser.add_argument(
+        "--fail-fast", action="store_true", help="stop at the first error instead of recording it"
+    )
+    args = parser.parse_args(argv)
+    for key, value in (SMOKE if args.smoke else FULL).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.out is None:
+        smoke_dir = Path(tempfile.gettempdir())
+        args.out = smoke_dir / f"dreamblend-e2e-smoke-{os.getpid()}.jsonl" if args.smoke else DEFAULT_OUT
+    if min(args.batches) < 1 or min(args.steps) < 1 or args.repeats < 1 or args.image_repeats < 1:
+        parser.error("batches, steps and repeats must be positive")
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    return args
+
+
+# ------------------------------------------------------------------------------------------- facts
+
+
+def git_revision() -> str:
+    """HEAD of the checkout (``+dirty`` with uncommitted changes); BENCH_GIT_REVISION overrides."""
+    if revision := os.environ.get("BENCH_GIT_REVISION"):
+        return revision
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            # --no-optional-locks: a status query must not rewrite the index of the checkout
+            ["git", "--no-optional-locks", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device, smoke: bool) -> dict[str, Any]:
+    """Fields shared by every record of this run: what ran where, on which code."""
+    cuda = device.type == "cuda"
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": uuid.uuid4().hex[:12],
+        "git_revision": git_revision(),
+        "smoke": smoke,
+        "device": {
+            "type": device.type,
+            "name": torch.cuda.get_device_name(device) if cuda else (platform.processor() or "cpu"),
+            "total_memory_bytes": torch.cuda.get_device_properties(device).total_memory if cuda else None,
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "triton": _version("triton"),
+            "diffusers": diffusers.__version__,
+            "cuda": torch.version.cuda,
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------------- measuring
+
+
+def _time_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
+    """Time of each call: CUDA events on a GPU (synchronized per call), perf_counter on CPU."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def summarize(times_ms: Sequence[float], warmup: int, device: torch.device) -> dict[str, Any]:
+    """Median and spread (min/max and interquartile range) of the timed repeats."""
+    quantiles = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
+    low, p25, median, p75, high = torch.tensor(times_ms, dtype=torch.float64).quantile(quantiles).tolist()
+    return {
+        "median_ms": round(median, 4),
+        "min_ms": round(low, 4),
+        "max_ms": round(high, 4),
+        "p25_ms": round(p25, 4),
+        "p75_ms": round(p75, 4),
+        "warmup": warmup,
+        "repeats": len(times_ms),
+        "timer": "cuda_events" if device.type == "cuda" else "perf_counter",
+    }
+
+
+def _weight_bytes(unet: UNet2DConditionModel) -> int:
+    return sum(t.numel() * t.element_size() for t in (*unet.parameters(), *unet.buffers()))
+
+
+def _release(device: torch.device) -> None:
+    """Return a finished configuration's memory (hook closures form cycles) so the next starts clean."""
+    if device.type == "cuda":  # on CPU nothing is measured, and a full collection costs ~0.5 s
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def measure(
+    peer: Peer,
+    models: tuple[UNet2DConditionModel, UNet2DConditionModel],
+    spec: ModelSpec,
+    batch: int,
+    workload: str,
+    steps: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Time and peak memory of one configuration (the status/timing/memory fields of a record)."""
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    with attached(peer, models) as capture:
+        latents, cond = make_inputs(models[0], spec, batch, args.guidance_scale, device)
+        run = Run(spec, *models, capture, latents, cond, peer.workload)
+        # A single step is the middle one of a 50-step schedule.
+        sampler, timesteps = sampler_for(run, 50)
+        i = len(timesteps) // 2
+
+        def one_step() -> object:
+            return lockstep(sampler, run.workload, i, timesteps[i], latents, latents)
+
+        def one_image() -> object:
+            return image(run, steps)
+
+        static = torch.cuda.memory_allocated(device) if cuda else 0
+        for _ in range(args.warmup):  # compiles, autotunes and fills allocator caches at these shapes
+            one_step()
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        repeats = args.repeats if workload == "step" else args.image_repeats
+        times = _time_ms(one_step if workload == "step" else one_image, repeats, device)
+        timing = summarize(times, args.warmup, device)
+    memory = None
+    if cuda:
+        memory = {
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
+            "static_allocated_bytes": static,
+            "unet_weight_bytes": _weight_bytes(models[0]),
+        }
+    images_per_s = batch * 1e3 / timing["median_ms"] if workload == "image" else None
+    return {"status": "ok", "error": None, "timing": timing, "memory": memory, "images_per_s": images_per_s}
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+
+
+def _not_measured(status: str, error: str) -> dict[str, Any]:
+    return {"status": status, "error": error, "timing": None, "memory": None, "images_per_s": None}
+
+
+def guarded(run: Callable[[], dict[str, Any]], fail_fast: bool) -> dict[str, Any]:
+    """``run()``'s fields, or an ``oom``/``error`` status so one failure does not end the run."""
+    try:
+        return run()
+    except torch.OutOfMemoryError as exc:
+        return _not_measured("oom", _first_line(exc))
+    except Exception as exc:
+        if fail_fast:
+            raise
+        traceback.print_exc()
+        return _not_measured("error", f"{type(exc).__name__}: {exc}"[:500])
+
+
+# ------------------------------------------------------------------------------------------- running
+
+
+def configurations(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(workload, steps) pairs in run order: single steps first, then images by length."""
+    pairs = [("step", 1)] if "step" in args.workloads else []
+    return pairs + [("image", n) for n in args.steps if "image" in args.workloads]
+
+
+def describe(record: dict[str, Any]) -> str:
+    """One progress line per record."""
+    length = "" if record["workload"] == "step" else f" x{record['steps']}"
+    where = f"{record['model']} {record['dtype']} b{record['batch']} {record['workload']}{length}"
+    where += f" {record['peer']}"
+    if record["status"] != "ok":
+        return f"{where}: {record['status']} ({record['error']})"
+    timing, memory = record["timing"], record["memory"]
+    text = f"{where}: {timing['median_ms']:.1f} ms [{timing['min_ms']:.1f}, {timing['max_ms']:.1f}]"
+    if memory:
+        text += f", peak {memory['peak_allocated_bytes'] / 2**30:.2f} GiB"
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the matrix; exit status 1 if any configuration failed with an error (OOM is a result)."""
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.smoke and args.device == "cpu":
+        # Speed is not measured here; one thread avoids OpenMP workers spinning on a busy CI machine.
+        torch.set_num_threads(1)
+    try:
+        return run_matrix(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def build_pair(
+    spec: ModelSpec, dtype: torch.dtype, device: torch.device
+) -> tuple[tuple[UNet2DConditionModel, UNet2DConditionModel] | None, dict[str, Any] | None]:
+    """G and E (different seeds: two checkpoints of one architecture, both resident), or, when they
+    do not fit on the device, the ``oom`` fields every configuration of this model and dtype records."""
+    try:
+        return (build_unet(spec, 0, dtype, device), build_unet(spec, 1, dtype, device)), None
+    except torch.OutOfMemoryError as exc:
+        _release(device)
+        return None, _not_measured("oom", f"building G and E: {_first_line(exc)}")
+
+
+def run_matrix(args: argparse.Namespace) -> int:
+    """Measure and append every configuration of ``args``; 1 if any of them failed with an error."""
+    device = torch.device(args.device)
+    if args.peers:
+        peers = [PEERS[name] for name in args.peers]
+    else:
+        peers = [peer for peer in PEERS.values() if peer.unavailable(device) is None]
+    shared = environment(device, args.smoke)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + (float("inf") if args.budget_s is None else args.budget_s)
+    errors = 0
+    print(f"appending to {args.out}", flush=True)
+    for model_name, dtype_name in itertools.product(args.models, args.dtypes):
+        spec = ALL_MODELS[model_name]
+        models, failed = build_pair(spec, DTYPES[dtype_name], device)
+        for (workload, steps), batch, peer in itertools.product(configurations(args), args.batches, peers):
+            if time.monotonic() > deadline:
+                print("time budget spent: stopping before the next configuration", flush=True)
+                return int(errors > 0)
+            reason = peer.unavailable(device)
+            if reason is not None:
+                fields = _not_measured("unavailable", reason)
+            elif failed is not None:
+                fields = failed
+            else:
+                run = partial(measure, peer, models, spec, batch, workload, steps, args)
+                fields = guarded(run, args.fail_fast)
+                _release(device)
+            record = {
+                **shared,
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "model": spec.name,
+                "resolution": spec.resolution,
+                "latent_size": spec.config()["sample_size"],
+                "text_tokens": TEXT_TOKENS,
+                "dtype": dtype_name,
+                "batch": batch,
+                "peer": peer.name,
+                "backend": peer.backend,
+                "workload": workload,
+                "steps": steps,
+                "guidance_scale": args.guidance_scale,
+                "alpha": resolve_alpha(None, spec.prediction_type),
+                **fields,
+            }
+            validate(record)
+            with args.out.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            errors += record["status"] == "error"
+            print(describe(record), flush=True)
+        del models
+        _release(device)
+    return int(errors > 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

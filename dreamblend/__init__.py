@@ -1,11 +1,32 @@
 """DreamBlend: cross-attention guided blending of an underfit and an overfit personalization checkpoint.
 
 Entry points: :class:`AttentionStore` + :class:`DreamBlendProcessor` (drop-in attention processor
-for diffusers UNets), :func:`attach`, and the op API in :mod:`dreamblend.ops`.
+for diffusers UNets), :func:`attach`, the op API in :mod:`dreamblend.ops`, and the pipelines
+:class:`DreamBlendPipeline` (SD1.x/2.x) and :class:`DreamBlendXLPipeline` (SDXL).
 """
+
+from typing import Any
 
 from dreamblend.processor import DreamBlendProcessor, attach
 from dreamblend.store import AttentionStore
 
-__all__ = ["AttentionStore", "DreamBlendProcessor", "attach"]
+__all__ = [
+    "AttentionStore",
+    "DreamBlendPipeline",
+    "DreamBlendPipelineOutput",
+    "DreamBlendProcessor",
+    "DreamBlendXLPipeline",
+    "attach",
+]
 __version__ = "0.1.0"
+
+_PIPELINES = ("DreamBlendPipeline", "DreamBlendPipelineOutput", "DreamBlendXLPipeline")
+
+
+def __getattr__(name: str) -> Any:
+    # Pipelines import diffusers' pipeline stack; load it on first use so `import dreamblend` stays light.
+    if name in _PIPELINES:
+        from dreamblend import pipelines
+
+        return getattr(pipelines, name)
+    raise AttributeError(f"module 'dreamblend' has no attribute {name!r}")

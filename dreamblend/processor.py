@@ -59,13 +59,7 @@ class DreamBlendProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        query, key, value = self.project_qkv(attn, hidden_states, encoder_hidden_states)
 
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -93,14 +87,32 @@ class DreamBlendProcessor:
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
+        hidden_states = self.project_out(attn, hidden_states)
 
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def project_qkv(
+        self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Query, key and value projections before the head split.
+
+        Overridable so processors whose layers carry their own projection weights (e.g. Custom
+        Diffusion) reuse everything else here instead of copying it.
+        """
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        return query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+
+    def project_out(self, attn: nn.Module, hidden_states: Tensor) -> Tensor:
+        """Output projection and dropout (overridable like :meth:`project_qkv`)."""
+        return attn.to_out[1](attn.to_out[0](hidden_states))
 
     def _attend(self, attn: nn.Module, plan: LayerPlan, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """The captured/guided attention core; rows outside ``plan.rows`` run plain SDPA."""

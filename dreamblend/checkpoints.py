@@ -1,0 +1,297 @@
+"""Loading DreamBlend's checkpoints: diffusers folders or hub ids, LoRA files, Custom Diffusion files.
+
+Pickle-based weight files (``.bin``, ``.ckpt``, ``.pt``, ``.pth``) can run arbitrary code when
+loaded, so they are refused unless the caller opts in with ``allow_pickle=True`` (``--allow-pickle``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import deprecation_utils
+from torch import Tensor
+
+from dreamblend.custom_diffusion import is_custom_diffusion_state_dict, load_custom_diffusion
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+PathLike = str | os.PathLike
+# diffusers renamed from_pretrained's `torch_dtype` to `dtype`; older releases only know the former.
+_DTYPE_KEY = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
+def _pickle_refused(path: Path) -> ValueError:
+    return ValueError(
+        f"{path} is a pickle file, which can execute code when loaded; convert it to .safetensors, or pass "
+        "allow_pickle=True (CLI: --allow-pickle) if you trust its source"
+    )
+
+
+def _check_no_pickle_only(folder: Path, allow_pickle: bool) -> None:
+    """Refuse a diffusers folder whose weights exist only in a pickle format."""
+    if allow_pickle or not folder.is_dir():
+        return
+    for sub in [folder, *(p for p in folder.iterdir() if p.is_dir())]:
+        files = [p for p in sub.iterdir() if p.is_file()]
+        if not any(p.suffix == ".safetensors" for p in files):
+            pickled = [p for p in files if p.suffix in PICKLE_SUFFIXES]
+            if pickled:
+                raise _pickle_refused(pickled[0])
+
+
+def _check_hub_id(spec: PathLike) -> None:
+    """A name that is not an existing path must look like a hub id ("org/name"), else it is a typo."""
+    text = str(spec)
+    parts = text.split("/")
+    if len(parts) != 2 or not all(parts) or text.startswith(".") or Path(parts[0]).is_dir():
+        raise FileNotFoundError(
+            f"model folder {text} does not exist (and it is not a hub id like 'org/name')"
+        )
+
+
+def read_state_dict(path: PathLike, *, allow_pickle: bool = False) -> dict[str, Tensor]:
+    """Tensors of a ``.safetensors`` file, or of a pickle file when ``allow_pickle`` (weights only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return safetensors.torch.load_file(str(path))
+    if path.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise _pickle_refused(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    raise ValueError(f"{path}: unknown weight format {path.suffix!r}; expected .safetensors")
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+CUSTOM_DIFFUSION_FILE = "pytorch_custom_diffusion_weights.safetensors"
+EMBEDDING_FILE = "learned_embeds.safetensors"
+
+
+def checkpoint_kind(path: PathLike, *, allow_pickle: bool = False) -> tuple[str, str]:
+    """What ``path`` holds, and where: ("diffusers", folder or hub id), ("lora" or "custom_diffusion", file).
+
+    A folder holding only a LoRA or Custom Diffusion weight file under its diffusers name (a training
+    checkpoint folder) counts as that file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name, kind in ((LORA_FILE, "lora"), (CUSTOM_DIFFUSION_FILE, "custom_diffusion")):
+            if (
+                (path / name).is_file()
+                and not (path / "unet").is_dir()
+                and not (path / "config.json").is_file()
+            ):
+                return kind, str(path / name)
+    if not path.is_file():
+        return "diffusers", str(path)
+    if path.suffix == ".safetensors":
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    else:
+        keys = list(read_state_dict(path, allow_pickle=allow_pickle))
+    if is_custom_diffusion_state_dict(dict.fromkeys(keys)):
+        return "custom_diffusion", str(path)
+    if keys and all("lora" in k for k in keys):
+        return "lora", str(path)
+    raise ValueError(
+        f"{path} is neither a LoRA nor a Custom Diffusion checkpoint (keys like {keys[:2]}); "
+        "pass a diffusers folder for a full checkpoint"
+    )
+
+
+def load_unet(
+    spec: UNet2DConditionModel | DiffusionPipeline | PathLike,
+    *,
+    allow_pickle: bool = False,
+    torch_dtype: torch.dtype | None = None,
+) -> UNet2DConditionModel:
+    """A UNet from a UNet, a pipeline, a diffusers folder (pipeline or UNet folder) or a hub id."""
+    if isinstance(spec, UNet2DConditionModel):
+        return spec
+    if isinstance(spec, DiffusionPipeline):
+        unet = getattr(spec, "unet", None)
+        if not isinstance(unet, UNet2DConditionModel):
+            raise TypeError(f"{type(spec).__name__} has no UNet2DConditionModel to use as a DreamBlend model")
+        return unet
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(
+            "expected a UNet2DConditionModel, a pipeline, a diffusers folder or a hub id, "
+            f"got {type(spec).__name__}"
+        )
+    path = Path(spec)
+    if path.is_file():
+        raise ValueError(
+            f"{path} is a single weight file; a model is a diffusers folder (with unet/) or a hub id. "
+            "LoRA and Custom Diffusion files are adapters on the base model: see prepare_models()"
+        )
+    subfolder = None
+    if path.is_dir():
+        subfolder = "unet" if (path / "unet").is_dir() else None
+        folder = path / (subfolder or "")
+        if not (folder / "config.json").is_file():
+            raise ValueError(
+                f"{path} is not a diffusers pipeline or UNet folder (no unet/config.json or config.json)"
+            )
+        _check_no_pickle_only(folder, allow_pickle)
+    else:
+        _check_hub_id(spec)
+        subfolder = "unet"  # a hub id of a full pipeline
+    return UNet2DConditionModel.from_pretrained(
+        str(spec),
+        subfolder=subfolder,
+        use_safetensors=None if allow_pickle else True,
+        **{_DTYPE_KEY: torch_dtype},
+    )
+
+
+def pipeline_class(model: PathLike) -> type[DiffusionPipeline]:
+    """DreamBlendXLPipeline for SDXL checkpoints, else DreamBlendPipeline (read from model_index.json)."""
+    from dreamblend.pipelines import DreamBlendPipeline, DreamBlendXLPipeline
+
+    path = Path(model)
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        config = json.loads(index.read_text())
+    else:
+        _check_hub_id(model)
+        config = DiffusionPipeline.load_config(str(model))
+    return DreamBlendXLPipeline if "text_encoder_2" in config else DreamBlendPipeline
+
+
+def load_pipeline(
+    model: PathLike, *, allow_pickle: bool = False, torch_dtype: torch.dtype | None = None, **kwargs: Any
+) -> DiffusionPipeline:
+    """The DreamBlend pipeline for a base model (diffusers folder or hub id), safetensors only by default."""
+    cls = pipeline_class(model)
+    _check_no_pickle_only(Path(model), allow_pickle)
+    if cls.__name__ == "DreamBlendXLPipeline":
+        kwargs.setdefault("add_watermarker", False)
+    return cls.from_pretrained(
+        str(model), use_safetensors=None if allow_pickle else True, **{_DTYPE_KEY: torch_dtype}, **kwargs
+    )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One role's checkpoint as named on the command line or in a jobs file.
+
+    ``model``: a diffusers folder / hub id (a full checkpoint), a LoRA file or a Custom Diffusion file
+    (both applied to the base model); None means the base model. ``adapter``: a LoRA file.
+    """
+
+    model: str | None = None
+    adapter: str | None = None
+
+    def describe(self) -> str:
+        return " + ".join(x for x in (self.model or "base", self.adapter) if x)
+
+
+def load_lora(
+    pipe: Any, unet: UNet2DConditionModel, path: PathLike, name: str, *, allow_pickle: bool
+) -> None:
+    """Load a LoRA file into ``unet`` as adapter ``name``, with diffusers' key conversion and metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist")
+    if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise _pickle_refused(path)
+    state_dict, alphas, metadata = pipe.lora_state_dict(
+        str(path.parent),
+        weight_name=path.name,
+        use_safetensors=path.suffix == ".safetensors",
+        local_files_only=True,
+        return_lora_metadata=True,
+    )
+    if any(k.startswith(("text_encoder", "lora_te")) for k in state_dict):
+        warnings.warn(
+            f"{path} also holds text-encoder LoRA weights; DreamBlend's G and E share one text encoder, so "
+            "they are not loaded",
+            UserWarning,
+            stacklevel=2,
+        )
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("text_encoder", "lora_te"))}
+    pipe.load_lora_into_unet(
+        state_dict, alphas, unet=unet, adapter_name=name, metadata=metadata, _pipeline=pipe
+    )
+
+
+def prepare_models(
+    pipe: Any, guidance: ModelSpec, edit: ModelSpec, *, allow_pickle: bool = False
+) -> dict[str, str | None]:
+    """Put G and E into ``pipe`` (``unet`` is E, ``guidance_unet`` G); returns the call's adapter kwargs.
+
+    Full checkpoints replace the base UNet for their role; LoRA files become adapters named after the
+    role; Custom Diffusion files install their processors on the base UNet (on a copy when the other
+    role also uses the base). Without any guidance checkpoint G is the base model (adapters off).
+    """
+    specs = {"guidance": guidance, "edit": edit}
+    kinds: dict[str, str | None] = {}
+    where: dict[str, str] = {}
+    adapters = {role: s.adapter for role, s in specs.items()}
+    for role, spec in specs.items():
+        kinds[role] = None
+        if spec.model:
+            kinds[role], where[role] = checkpoint_kind(spec.model, allow_pickle=allow_pickle)
+            if (Path(spec.model) / EMBEDDING_FILE).is_file():
+                warnings.warn(
+                    f"{spec.model} also holds a learned token embedding ({EMBEDDING_FILE}); G and E "
+                    "share the pipeline's text encoder, so it is not loaded (load it into the pipeline "
+                    "with pipe.load_textual_inversion if both roles should use it)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        if kinds[role] == "lora":
+            if adapters[role]:
+                raise ValueError(
+                    f"the {role} model is a LoRA and a {role} adapter is given too; pass one of them"
+                )
+            adapters[role], kinds[role] = where[role], None
+    base = pipe.unet
+    unets: dict[str, UNet2DConditionModel] = {}
+    for role, kind in kinds.items():
+        if kind == "diffusers":
+            unets[role] = load_unet(where[role], allow_pickle=allow_pickle, torch_dtype=base.dtype)
+            unets[role].to(base.device)
+        elif kind is None:
+            unets[role] = base
+    custom = [role for role in ("edit", "guidance") if kinds[role] == "custom_diffusion"]
+    # Copies are taken before Custom Diffusion weights go onto the base UNet itself (when it is free).
+    for i, role in reversed(list(enumerate(custom))):
+        free = i == 0 and base not in unets.values()
+        unets[role] = base if free else copy.deepcopy(base)
+        load_custom_diffusion(unets[role], read_state_dict(where[role], allow_pickle=allow_pickle))
+    pipe.register_modules(unet=unets["edit"])
+    pipe.register_modules(guidance_unet=None if unets["guidance"] is unets["edit"] else unets["guidance"])
+    for role, file in adapters.items():
+        if file:
+            load_lora(pipe, unets[role], file, role, allow_pickle=allow_pickle)
+    return {f"{role}_adapter": role if adapters[role] else None for role in specs}
+
+
+def load_dreamblend(
+    model: PathLike,
+    guidance: ModelSpec | None = None,
+    edit: ModelSpec | None = None,
+    *,
+    device: str | torch.device | None = None,
+    torch_dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
+) -> tuple[DiffusionPipeline, dict[str, str | None]]:
+    """A ready DreamBlend pipeline for a base model and two role checkpoints, plus its adapter kwargs."""
+    pipe = load_pipeline(model, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
+    if device is not None:
+        pipe.to(device)
+    kwargs = prepare_models(pipe, guidance or ModelSpec(), edit or ModelSpec(), allow_pickle=allow_pickle)
+    return pipe, kwargs

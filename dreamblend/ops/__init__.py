@@ -29,6 +29,7 @@ __all__ = [
     "available_backends",
     "capture_attention",
     "guided_attention",
+    "register_backend",
     "resolve_backend",
     "resolved_backend_name",
 ]
@@ -55,6 +56,13 @@ _BACKENDS: dict[str, ModuleType | Exception] = {
     "cpp": _import_backend("dreamblend.ops.cpp"),
 }
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def register_backend(name: str, module: ModuleType) -> None:
+    """Make ``module`` serve backend ``name`` (e.g. once the C++ extension has been built)."""
+    if name not in BACKENDS or name in ("auto", "torch"):
+        raise ValueError(f"cannot register backend {name!r}; registrable: 'triton', 'cpp'")
+    _BACKENDS[name] = module
 
 
 def available_backends() -> list[str]:

@@ -1,0 +1,414 @@
+// ATen CPU kernels for cross-attention that captures its maps or scores them against a reference
+// with an L1 loss (DESIGN §2), and the fused backward of both (DESIGN §3).
+//
+// Work is cut into tiles: up to kTileRows query rows of one batch entry and one head group. A head
+// group is a single head, or all H heads in head-mean mode, where the mean over heads couples them.
+// A tile holds only its (rows, N) probabilities; the backward recomputes them from q and k. Results
+// that several tiles feed (the loss, dK, dV) are written per tile and summed in tile order, so
+// results are bitwise reproducible and do not depend on how tiles are spread over threads.
+//
+// Registered as ops in the `dreamblend_cpp` namespace; autograd is wired on the Python side.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_softmax.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// Query rows per tile: a (256, N) probability tile stays in L2 (256 measured a few percent faster
+// than 128 or 64 on an SD layer), and this count, not the thread count, groups the partial sums.
+constexpr int64_t kTileRows = 256;
+
+using OptTensor = std::optional<at::Tensor>;
+
+struct Shape {
+  int64_t B, H, M, N, D, T;
+  bool head_mean;
+  int64_t group;   // heads sharing one map: H in head-mean mode, else 1
+  int64_t chunks;  // query tiles per (batch, head group)
+
+  int64_t groups() const { return H / group; }
+  int64_t tiles() const { return B * groups() * chunks; }
+};
+
+struct Tile {
+  int64_t b, h0, chunk, r0, rows;
+  int64_t map_offset;  // first element of the tile in maps, ref and d_maps, laid out (B, H / group, M, T)
+};
+
+Tile locate(const Shape& s, int64_t index) {
+  const int64_t chunk = index % s.chunks;
+  const int64_t bg = index / s.chunks;  // b * groups + g
+  const int64_t r0 = chunk * kTileRows;
+  return {bg / s.groups(), (bg % s.groups()) * s.group, chunk, r0, std::min(kTileRows, s.M - r0),
+          (bg * s.M + r0) * s.T};
+}
+
+// Row-major (rows, cols) matrix over existing memory. Read-only operands are cast from const: ATen
+// views carry no constness, and these are only ever passed as matmul inputs.
+template <typename T>
+at::Tensor mat(const T* data, int64_t rows, int64_t cols) {
+  return at::from_blob(const_cast<T*>(data), {rows, cols},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// The op inputs in the compute dtype, contiguous, with the token columns as int64 indices.
+template <typename T>
+struct Inputs {
+  Shape s;
+  T scale;
+  const int64_t* tokens;
+  const T* q;
+  const T* k;
+  const T* v;
+
+  int64_t row(int64_t b, int64_t h, int64_t r) const { return ((b * s.H + h) * s.M + r) * s.D; }
+  int64_t key(int64_t b, int64_t h) const { return (b * s.H + h) * s.N * s.D; }
+};
+
+// P for every head of the tile's group, stacked (group * rows, N): softmax(scale * q k^T) per row.
+template <typename T>
+void tile_probs(const Inputs<T>& in, const Tile& t, T* scores, T* probs) {
+  const Shape& s = in.s;
+  auto sc = mat(scores, t.rows, s.N);
+  for (int64_t j = 0; j < s.group; ++j) {
+    const int64_t h = t.h0 + j;
+    at::addmm_out(sc, sc, mat(in.q + in.row(t.b, h, t.r0), t.rows, s.D), mat(in.k + in.key(t.b, h), s.N, s.D).t(),
+                  /*beta=*/0, /*alpha=*/in.scale);
+    auto p = mat(probs + j * t.rows * s.N, t.rows, s.N);
+    at::_softmax_out(p, sc, 1, false);
+  }
+}
+
+// The tile's captured map (rows, T): P at the token columns, averaged over the group's heads.
+template <typename T>
+void tile_map(const Inputs<T>& in, const Tile& t, const T* probs, T* map) {
+  const Shape& s = in.s;
+  const T inv_group = T(1) / T(s.group);
+  for (int64_t r = 0; r < t.rows; ++r) {
+    for (int64_t c = 0; c < s.T; ++c) {
+      T acc = 0;
+      for (int64_t j = 0; j < s.group; ++j) acc += probs[(j * t.rows + r) * s.N + in.tokens[c]];
+      map[r * s.T + c] = acc * inv_group;
+    }
+  }
+}
+
+// Forward over all tiles: writes out, and either the maps (capture) or one L1 partial per tile
+// against ref (guided; maps are never written).
+template <typename T>
+void forward(const Inputs<T>& in, T* out, T* maps, const T* ref, double* loss_parts) {
+  const Shape& s = in.s;
+  at::parallel_for(0, s.tiles(), 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::vector<T> scores(kTileRows * s.N), probs(s.group * kTileRows * s.N), map(maps ? 0 : kTileRows * s.T);
+    for (int64_t i = begin; i < end; ++i) {
+      const Tile t = locate(s, i);
+      tile_probs(in, t, scores.data(), probs.data());
+      for (int64_t j = 0; j < s.group; ++j) {
+        auto o = mat(out + in.row(t.b, t.h0 + j, t.r0), t.rows, s.D);
+        at::mm_out(o, mat(probs.data() + j * t.rows * s.N, t.rows, s.N), mat(in.v + in.key(t.b, t.h0 + j), s.N, s.D));
+      }
+      if (maps) {
+        tile_map(in, t, probs.data(), maps + t.map_offset);
+        continue;
+      }
+      tile_map(in, t, probs.data(), map.data());
+      // Each row sums in vector lanes, rows add up in double: one long float sum would drift.
+      double acc = 0;
+      for (int64_t r = 0; r < t.rows; ++r) {
+        const T* a = map.data() + r * s.T;
+        const T* b = ref + t.map_offset + r * s.T;
+        T row = 0;
+#pragma omp simd reduction(+ : row)
+        for (int64_t c = 0; c < s.T; ++c) row += std::abs(a[c] - b[c]);
+        acc += row;
+      }
+      loss_parts[i] = acc;
+    }
+  });
+}
+
+// Gradients flowing into the backward; null pointers for the ones that are absent or not wanted.
+template <typename T>
+struct Grads {
+  const T* d_out;   // (B, H, M, D)
+  const T* d_maps;  // capture: gradient of the maps
+  const T* ref;     // guided: reference maps, with d_loss (B,)
+  const T* d_loss;
+  T* dq;        // (B, H, M, D)
+  T* dk_parts;  // (B * H, chunks, N, D) per-tile partials
+  T* dv_parts;
+};
+
+// DESIGN §3 per tile: dP = dO V^T + E, Delta = rowsum(P * dP), dS = P * (dP - Delta), then
+// dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO. E (the map gradient scattered into the token
+// columns) is formed here: from d_maps, or as the L1 sign against ref.
+template <typename T>
+void backward(const Inputs<T>& in, const Grads<T>& g) {
+  const Shape& s = in.s;
+  const bool has_map_grad = g.d_maps || g.d_loss;
+  at::parallel_for(0, s.tiles(), 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::vector<T> scores(kTileRows * s.N), probs(s.group * kTileRows * s.N), d_probs(kTileRows * s.N),
+        e(kTileRows * s.T);
+    for (int64_t i = begin; i < end; ++i) {
+      const Tile t = locate(s, i);
+      const int64_t elems = t.rows * s.T;
+      tile_probs(in, t, scores.data(), probs.data());
+      if (g.d_maps) {
+        // A head-mean map spreads its gradient over the heads with weight 1/H.
+        const T inv_group = T(1) / T(s.group);
+        for (int64_t x = 0; x < elems; ++x) e[x] = g.d_maps[t.map_offset + x] * inv_group;
+      } else if (g.d_loss) {
+        // d|A - ref|/dP = sign(A - ref) / H in both map modes (mean over heads of the loss, or of A).
+        tile_map(in, t, probs.data(), e.data());
+        const T w = g.d_loss[t.b] / T(s.H);
+        for (int64_t x = 0; x < elems; ++x) {
+          const T diff = e[x] - g.ref[t.map_offset + x];
+          e[x] = T((diff > 0) - (diff < 0)) * w;
+        }
+      }
+      for (int64_t j = 0; j < s.group; ++j) {
+        const int64_t h = t.h0 + j;
+        const T* p = probs.data() + j * t.rows * s.N;
+        T* dp = d_probs.data();
+        auto dp_mat = mat(dp, t.rows, s.N);
+        if (g.d_out) {
+          at::mm_out(dp_mat, mat(g.d_out + in.row(t.b, h, t.r0), t.rows, s.D),
+                     mat(in.v + in.key(t.b, h), s.N, s.D).t());
+        } else {
+          std::fill(d_probs.begin(), d_probs.end(), T(0));
+        }
+        if (has_map_grad) {
+          for (int64_t r = 0; r < t.rows; ++r) {
+            for (int64_t c = 0; c < s.T; ++c) dp[r * s.N + in.tokens[c]] += e[r * s.T + c];  // repeats add up
+          }
+        }
+        for (int64_t r = 0; r < t.rows; ++r) {
+          const T* pr = p + r * s.N;
+          T* dr = dp + r * s.N;
+          T delta = 0;
+#pragma omp simd reduction(+ : delta)
+          for (int64_t n = 0; n < s.N; ++n) delta += pr[n] * dr[n];
+          for (int64_t n = 0; n < s.N; ++n) dr[n] = pr[n] * (dr[n] - delta);  // dS, in place
+        }
+        const int64_t part = ((t.b * s.H + h) * s.chunks + t.chunk) * s.N * s.D;
+        if (g.dq) {
+          auto dq = mat(g.dq + in.row(t.b, h, t.r0), t.rows, s.D);
+          at::addmm_out(dq, dq, dp_mat, mat(in.k + in.key(t.b, h), s.N, s.D), /*beta=*/0, /*alpha=*/in.scale);
+        }
+        if (g.dk_parts) {
+          auto dk = mat(g.dk_parts + part, s.N, s.D);
+          at::addmm_out(dk, dk, dp_mat.t(), mat(in.q + in.row(t.b, h, t.r0), t.rows, s.D), /*beta=*/0,
+                        /*alpha=*/in.scale);
+        }
+        if (g.dv_parts) {
+          auto dv = mat(g.dv_parts + part, s.N, s.D);
+          at::mm_out(dv, mat(p, t.rows, s.N).t(), mat(g.d_out + in.row(t.b, h, t.r0), t.rows, s.D));
+        }
+      }
+    }
+  });
+}
+
+// (B * H, chunks, N, D) tile partials -> (B * H, N, D), summed in chunk order.
+at::Tensor sum_chunks(const at::Tensor& parts) {
+  const int64_t chunks = parts.size(1);
+  if (chunks == 1) return parts.squeeze(1);
+  const int64_t bh = parts.size(0), elems = parts.size(2) * parts.size(3);
+  auto total = at::empty({bh, parts.size(2), parts.size(3)}, parts.options());
+  AT_DISPATCH_FLOATING_TYPES(parts.scalar_type(), "dreamblend_sum_chunks", [&] {
+    const scalar_t* src = parts.const_data_ptr<scalar_t>();
+    scalar_t* dst = total.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t x = begin; x < end; ++x) {
+        scalar_t* d = dst + x * elems;
+        const scalar_t* p = src + x * chunks * elems;
+        std::copy(p, p + elems, d);
+        for (int64_t c = 1; c < chunks; ++c) {
+          for (int64_t y = 0; y < elems; ++y) d[y] += p[c * elems + y];
+        }
+      }
+    });
+  });
+  return total;
+}
+
+// Checked, converted op inputs; tensors kept alive here back the raw pointers of Inputs.
+struct Prepared {
+  Shape shape;
+  at::ScalarType compute;
+  at::Tensor q, k, v, tokens;
+
+  at::Tensor as_compute(const at::Tensor& t) const { return t.to(compute).contiguous(); }
+  std::vector<int64_t> map_sizes() const {
+    const Shape& s = shape;
+    return s.head_mean ? std::vector<int64_t>{s.B, s.M, s.T} : std::vector<int64_t>{s.B, s.H, s.M, s.T};
+  }
+  void check_map(const at::Tensor& t, const char* name) const {
+    const std::vector<int64_t> expected = map_sizes();
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), name, " has shape ", t.sizes(), ", expected ",
+                at::IntArrayRef(expected));
+  }
+  template <typename T>
+  Inputs<T> inputs(double scale) const {
+    return {shape, T(scale), tokens.const_data_ptr<int64_t>(), q.const_data_ptr<T>(), k.const_data_ptr<T>(),
+            v.const_data_ptr<T>()};
+  }
+};
+
+// float32 for half inputs, float64 kept: the reference's compute dtype.
+at::ScalarType compute_type(const at::Tensor& q) { return c10::promoteTypes(q.scalar_type(), at::kFloat); }
+
+Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& tokens,
+                 bool head_mean) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "expected q (B, H, M, D) and k, v (B, H, N, D)");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "dreamblend_cpp runs on CPU tensors");
+  TORCH_CHECK(q.is_floating_point() && q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "q, k, v must share one floating dtype");
+  const int64_t B = q.size(0), H = q.size(1), M = q.size(2), D = q.size(3), N = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == H && k.size(3) == D,
+              "q, k, v must share B, H and D, and k and v must have the same shape");
+  TORCH_CHECK(M > 0 && N > 0, "attention needs at least one query and one key position");
+  at::Tensor idx = tokens.has_value() ? tokens->to(at::kLong).contiguous() : at::arange(N, at::kLong);
+  TORCH_CHECK(idx.dim() == 1 && idx.numel() > 0, "tokens must be a non-empty 1-D index tensor");
+  TORCH_CHECK(idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < N, "token indices must lie in [0, ", N,
+              ")");
+  const int64_t group = head_mean ? H : 1;
+  Prepared p{{B, H, M, N, D, idx.numel(), head_mean, group, (M + kTileRows - 1) / kTileRows},
+             compute_type(q)};
+  p.q = p.as_compute(q);
+  p.k = p.as_compute(k);
+  p.v = p.as_compute(v);
+  p.tokens = idx;
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, const OptTensor& ref_in,
+                                                           const OptTensor& tokens, double scale, bool head_mean) {
+  const Prepared p = prepare(q, k, v, tokens, head_mean);
+  const Shape& s = p.shape;
+  auto out = at::empty({s.B, s.H, s.M, s.D}, p.q.options());
+  at::Tensor maps, ref, loss_parts;
+  if (ref_in.has_value()) {
+    p.check_map(*ref_in, "ref");
+    ref = p.as_compute(*ref_in);
+    loss_parts = at::empty({s.B, s.groups() * s.chunks}, p.q.options().dtype(at::kDouble));
+  } else {
+    maps = at::empty(p.map_sizes(), p.q.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES(p.compute, "dreamblend_forward", [&] {
+    forward<scalar_t>(p.inputs<scalar_t>(scale), out.mutable_data_ptr<scalar_t>(),
+                      maps.defined() ? maps.mutable_data_ptr<scalar_t>() : nullptr,
+                      ref.defined() ? ref.const_data_ptr<scalar_t>() : nullptr,
+                      loss_parts.defined() ? loss_parts.mutable_data_ptr<double>() : nullptr);
+  });
+  return {out.to(q.scalar_type()), maps, loss_parts};
+}
+
+std::tuple<at::Tensor, at::Tensor> capture_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const OptTensor& tokens, double scale, bool head_mean) {
+  auto [out, maps, unused] = run_forward(q, k, v, std::nullopt, tokens, scale, head_mean);
+  return {out, maps};
+}
+
+std::tuple<at::Tensor, at::Tensor> guided_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const at::Tensor& ref, const OptTensor& tokens, double scale,
+                                                    bool head_mean) {
+  auto [out, unused, parts] = run_forward(q, k, v, ref, tokens, scale, head_mean);
+  // Per sample: sum the tile partials in order, then mean over head groups (a no-op in head-mean mode).
+  const int64_t B = parts.size(0), per_sample = parts.size(1), groups = head_mean ? 1 : q.size(1);
+  auto loss = at::empty({B}, parts.options());
+  const double* src = parts.const_data_ptr<double>();
+  double* dst = loss.mutable_data_ptr<double>();
+  for (int64_t b = 0; b < B; ++b) {
+    double acc = 0;
+    for (int64_t x = 0; x < per_sample; ++x) acc += src[b * per_sample + x];
+    dst[b] = acc / double(groups);
+  }
+  return {out, loss.to(compute_type(q))};
+}
+
+// dQ, dK, dV; a gradient that was not asked for comes back as an empty tensor (ops cannot return None).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& tokens, const OptTensor& d_out,
+    const OptTensor& d_maps, const OptTensor& ref, const OptTensor& d_loss, double scale, bool head_mean,
+    bool need_dq, bool need_dk, bool need_dv) {
+  const Prepared p = prepare(q, k, v, tokens, head_mean);
+  const Shape& s = p.shape;
+  TORCH_CHECK(!(d_maps.has_value() && d_loss.has_value()),
+              "pass d_maps (capture) or ref and d_loss (guided), not both");
+  TORCH_CHECK(d_loss.has_value() == ref.has_value(), "the guided backward needs both ref and d_loss");
+  at::Tensor dout_c, dmaps_c, ref_c, dloss_c;
+  if (d_out.has_value()) {
+    TORCH_CHECK(d_out->sizes() == q.sizes(), "d_out has shape ", d_out->sizes(), ", expected ", q.sizes());
+    dout_c = p.as_compute(*d_out);
+  }
+  if (d_maps.has_value()) {
+    p.check_map(*d_maps, "d_maps");
+    dmaps_c = p.as_compute(*d_maps);
+  }
+  if (d_loss.has_value()) {
+    p.check_map(*ref, "ref");
+    TORCH_CHECK(d_loss->dim() == 1 && d_loss->size(0) == s.B, "d_loss must have shape (B,)");
+    ref_c = p.as_compute(*ref);
+    dloss_c = p.as_compute(*d_loss);
+  }
+  const auto opts = p.q.options();
+  auto dq = need_dq ? at::empty({s.B, s.H, s.M, s.D}, opts) : at::Tensor();
+  auto dk_parts = need_dk ? at::empty({s.B * s.H, s.chunks, s.N, s.D}, opts) : at::Tensor();
+  // Without a gradient on out, dV = P^T dO is zero: nothing to compute.
+  const bool run_dv = need_dv && dout_c.defined();
+  auto dv_parts = run_dv ? at::empty({s.B * s.H, s.chunks, s.N, s.D}, opts) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(p.compute, "dreamblend_backward", [&] {
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+    auto mut = [](at::Tensor& t) { return t.defined() ? t.mutable_data_ptr<scalar_t>() : nullptr; };
+    backward<scalar_t>(p.inputs<scalar_t>(scale),
+                       {ptr(dout_c), ptr(dmaps_c), ptr(ref_c), ptr(dloss_c), mut(dq), mut(dk_parts), mut(dv_parts)});
+  });
+  auto none = q.new_empty({0});
+  auto dq_out = need_dq ? dq.to(q.scalar_type()) : none;
+  auto dk_out = need_dk ? sum_chunks(dk_parts).view(k.sizes()).to(k.scalar_type()) : none;
+  at::Tensor dv_out = none;
+  if (run_dv) {
+    dv_out = sum_chunks(dv_parts).view(v.sizes()).to(v.scalar_type());
+  } else if (need_dv) {
+    dv_out = at::zeros_like(v);
+  }
+  return {dq_out, dk_out, dv_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dreamblend_cpp, m) {
+  m.def("capture_attention(Tensor q, Tensor k, Tensor v, Tensor? tokens, float scale, bool head_mean) "
+        "-> (Tensor, Tensor)");
+  m.def("guided_attention(Tensor q, Tensor k, Tensor v, Tensor ref, Tensor? tokens, float scale, bool head_mean) "
+        "-> (Tensor, Tensor)");
+  m.def("attention_backward(Tensor q, Tensor k, Tensor v, Tensor? tokens, Tensor? d_out, Tensor? d_maps, "
+        "Tensor? ref, Tensor? d_loss, float scale, bool head_mean, bool need_dq, bool need_dk, bool need_dv) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dreamblend_cpp, CPU, m) {
+  m.impl("capture_attention", &capture_attention);
+  m.impl("guided_attention", &guided_attention);
+  m.impl("attention_backward", &attention_backward);
+}

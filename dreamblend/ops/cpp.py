@@ -1,0 +1,270 @@
+"""C++ (ATen) CPU backend: ``csrc/attention_ops.cpp``, compiled on demand and cached per torch version.
+
+Importing never compiles. The backend is ``AVAILABLE`` when a build of these exact sources for this
+torch already sits in the cache (``$DREAMBLEND_CACHE_DIR``, else ``$XDG_CACHE_HOME/dreamblend``, else
+``~/.cache/dreamblend``), or when ``DREAMBLEND_BUILD_CPP=1`` asks to build it during the import.
+``build()`` or ``python -m dreamblend.ops.cpp`` compiles it explicitly (a C++ compiler and ninja).
+
+The kernels are ``torch.library`` ops (``torch.ops.dreamblend_cpp.*``); gradients are registered on
+the ops with ``torch.library.register_autograd`` rather than wrapped in an ``autograd.Function``, so
+any caller of the ops gets them and ``torch.compile`` traces the ops (with the fake kernels below)
+without graph breaks, the same way as the Triton backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from dreamblend.ops.reference import compute_dtype
+
+__all__ = [
+    "AVAILABLE",
+    "UNAVAILABLE_REASON",
+    "build",
+    "build_directory",
+    "capture_attention",
+    "guided_attention",
+]
+
+_NAME = "dreamblend_cpp"
+_SOURCES = ("attention_ops.cpp",)
+_CFLAGS = ("-O3",)
+# at::parallel_for is header code that runs serially unless compiled with OpenMP; on Linux the
+# extension then shares the libgomp that torch already loaded (same soname).
+_OPENMP = ("-fopenmp",) if sys.platform.startswith("linux") else ()
+_LIB_SUFFIX = ".pyd" if sys.platform == "win32" else ".so"  # what torch.utils.cpp_extension names it
+
+
+def _source_dir() -> Path | None:
+    """``csrc/`` of a source checkout (editable install), or the copy a wheel ships in the package."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[2] / "csrc", here.parents[1] / "csrc"):
+        if all((candidate / name).is_file() for name in _SOURCES):
+            return candidate
+    return None
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("DREAMBLEND_CACHE_DIR")
+    if not base:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dreamblend"
+    return Path(base) / f"cpp-{torch.__version__}"
+
+
+def build_directory() -> Path:
+    """Where this torch's build of the current sources lives: keyed by a hash of sources and flags,
+    so an edited source never loads a stale binary and old builds never need invalidating."""
+    src = _source_dir()
+    if src is None:
+        raise FileNotFoundError(
+            f"the C++ sources {_SOURCES} are not installed next to dreamblend (expected in csrc/)"
+        )
+    digest = hashlib.sha256(" ".join(_CFLAGS + _OPENMP).encode())
+    for name in _SOURCES:
+        digest.update((src / name).read_bytes())
+    return _cache_root() / digest.hexdigest()[:16]
+
+
+def _register_python_side() -> None:
+    """Fake kernels and autograd for the ops; once per process, after the library is loaded."""
+    fakes = {
+        "capture_attention": _capture_fake,
+        "guided_attention": _guided_fake,
+        "attention_backward": _backward_fake,
+    }
+    for name, fake in fakes.items():
+        torch.library.register_fake(f"{_NAME}::{name}", fake)
+    torch.library.register_autograd(
+        f"{_NAME}::capture_attention", _capture_backward, setup_context=_capture_setup
+    )
+    torch.library.register_autograd(
+        f"{_NAME}::guided_attention", _guided_backward, setup_context=_guided_setup
+    )
+    torch.library.register_autograd(f"{_NAME}::attention_backward", _refuse_double_backward)
+
+
+def _set_loaded() -> None:
+    global AVAILABLE, UNAVAILABLE_REASON
+    if not AVAILABLE:
+        _register_python_side()
+    AVAILABLE, UNAVAILABLE_REASON = True, ""
+
+
+def _load_cached() -> str:
+    """Load a cached build of the current sources; the reason it is unavailable otherwise."""
+    try:
+        library = build_directory() / f"{_NAME}{_LIB_SUFFIX}"
+    except FileNotFoundError as exc:
+        return str(exc)
+    if not library.is_file():
+        return (
+            f"the C++ extension is not built for torch {torch.__version__}; build it once with "
+            "`python -m dreamblend.ops.cpp` (or set DREAMBLEND_BUILD_CPP=1)"
+        )
+    try:
+        torch.ops.load_library(str(library))
+    except Exception as exc:  # noqa: BLE001 - a broken cache entry only disables this backend
+        return f"the cached C++ extension {library} does not load ({exc}); rebuild with build()"
+    _set_loaded()
+    return ""
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile (or find up to date) and load the extension; returns the build directory.
+
+    Later processes load the cached library at import without compiling. Raises when the sources,
+    the compiler or ninja are missing, or when compilation fails.
+    """
+    from torch.utils import cpp_extension  # pulls in setuptools: only when building
+
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("building the C++ extension needs ninja: `pip install ninja`")
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    sources = [str(_source_dir() / name) for name in _SOURCES]
+    cpp_extension.load(
+        _NAME,
+        sources,
+        extra_cflags=[*_CFLAGS, *_OPENMP],
+        extra_ldflags=list(_OPENMP),
+        build_directory=str(directory),
+        is_python_module=False,
+        verbose=verbose,
+    )
+    _set_loaded()
+    # A dispatcher imported before this build recorded the backend as missing; point it here.
+    dispatcher = sys.modules.get("dreamblend.ops")
+    if dispatcher is not None and hasattr(dispatcher, "register_backend"):
+        dispatcher.register_backend("cpp", sys.modules[__name__])
+    return directory
+
+
+# ---- autograd and fake kernels --------------------------------------------------------------------
+
+
+def _map_shape(q: Tensor, k: Tensor, tokens: Tensor | None, head_mean: bool) -> tuple[int, ...]:
+    b, h, m, _ = q.shape
+    t = k.shape[2] if tokens is None else tokens.numel()
+    return (b, m, t) if head_mean else (b, h, m, t)
+
+
+def _capture_fake(
+    q: Tensor, k: Tensor, v: Tensor, tokens: Tensor | None, scale: float, head_mean: bool
+) -> tuple[Tensor, Tensor]:
+    return q.new_empty(q.shape), q.new_empty(_map_shape(q, k, tokens, head_mean), dtype=compute_dtype(q))
+
+
+def _guided_fake(
+    q: Tensor, k: Tensor, v: Tensor, ref: Tensor, tokens: Tensor | None, scale: float, head_mean: bool
+) -> tuple[Tensor, Tensor]:
+    return q.new_empty(q.shape), q.new_empty(q.shape[0], dtype=compute_dtype(q))
+
+
+def _backward_fake(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tokens: Tensor | None,
+    d_out: Tensor | None,
+    d_maps: Tensor | None,
+    ref: Tensor | None,
+    d_loss: Tensor | None,
+    scale: float,
+    head_mean: bool,
+    need_dq: bool,
+    need_dk: bool,
+    need_dv: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    def grad(like: Tensor, needed: bool) -> Tensor:
+        return like.new_empty(like.shape if needed else (0,))
+
+    return grad(q, need_dq), grad(k, need_dk), grad(v, need_dv)
+
+
+def _save(ctx, q: Tensor, k: Tensor, v: Tensor, tokens: Tensor | None, scale: float, head_mean: bool, *extra):
+    # Only the inputs are kept: the backward recomputes the probabilities tile by tile.
+    ctx.save_for_backward(q, k, v, tokens, *extra)
+    ctx.scale, ctx.head_mean = scale, head_mean
+    ctx.set_materialize_grads(False)  # an output without a gradient costs no work in the backward
+
+
+def _input_grads(
+    ctx, saved: tuple, d_out: Tensor | None, d_maps: Tensor | None, ref: Tensor | None, d_loss: Tensor | None
+):
+    # `saved` is ctx.saved_tensors unpacked once by the caller: non-reentrant checkpointing allows one.
+    q, k, v, tokens = saved[:4]
+    need_q, need_k, need_v = ctx.needs_input_grad[:3]
+    dq, dk, dv = torch.ops.dreamblend_cpp.attention_backward(
+        q, k, v, tokens, d_out, d_maps, ref, d_loss, ctx.scale, ctx.head_mean, need_q, need_k, need_v
+    )
+    return (dq if need_q else None), (dk if need_k else None), (dv if need_v else None)
+
+
+def _refuse_double_backward(ctx, *grads):
+    # Guidance and training take one gradient; say so instead of silently returning no gradient.
+    raise RuntimeError("the dreamblend C++ ops do not support double backward (create_graph=True)")
+
+
+def _capture_setup(ctx, inputs, output) -> None:
+    _save(ctx, *inputs)
+
+
+def _capture_backward(ctx, d_out: Tensor | None, d_maps: Tensor | None):
+    return (*_input_grads(ctx, ctx.saved_tensors, d_out, d_maps, None, None), None, None, None)
+
+
+def _guided_setup(ctx, inputs, output) -> None:
+    q, k, v, ref, tokens, scale, head_mean = inputs
+    _save(ctx, q, k, v, tokens, scale, head_mean, ref)
+
+
+def _guided_backward(ctx, d_out: Tensor | None, d_loss: Tensor | None):
+    saved = ctx.saved_tensors
+    ref = saved[4] if d_loss is not None else None
+    return (*_input_grads(ctx, saved, d_out, None, ref, d_loss), None, None, None, None)
+
+
+# ---- backend entry points ---------------------------------------------------------------------------
+
+
+def _require() -> None:
+    if not AVAILABLE:
+        raise RuntimeError(f"the C++ backend is unavailable: {UNAVAILABLE_REASON}")
+
+
+def capture_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, tokens: Tensor | None, head_mean: bool):
+    """``(out, maps)`` of DESIGN §2; the dispatcher's entry point for backend="cpp"."""
+    _require()
+    return torch.ops.dreamblend_cpp.capture_attention(q, k, v, tokens, scale, head_mean)
+
+
+def guided_attention(
+    q: Tensor, k: Tensor, v: Tensor, ref: Tensor, scale: float, tokens: Tensor | None, head_mean: bool
+):
+    """``(out, loss)`` of DESIGN §2 with the per-sample L1 loss against ``ref``."""
+    _require()
+    return torch.ops.dreamblend_cpp.guided_attention(q, k, v, ref, tokens, scale, head_mean)
+
+
+AVAILABLE = False
+UNAVAILABLE_REASON = ""
+
+if __name__ == "__main__":
+    # `python -m` runs a second copy of this file: build through the package's module, which the
+    # dispatcher already imported, so the ops are registered once.
+    from dreamblend.ops import cpp
+
+    print(cpp.build(verbose="-v" in sys.argv[1:]))
+else:
+    UNAVAILABLE_REASON = _load_cached()
+    if UNAVAILABLE_REASON and os.environ.get("DREAMBLEND_BUILD_CPP") == "1":
+        try:
+            build()
+        except Exception as exc:  # noqa: BLE001 - importing must not fail; the reason says what went wrong
+            UNAVAILABLE_REASON = f"building the C++ extension failed (DREAMBLEND_BUILD_CPP=1): {exc}"

@@ -1,0 +1,226 @@
+"""The C++ CPU backend against the torch reference: outputs, maps, loss, gradients, determinism, dispatch.
+
+The extension is built once for the module (a cached build makes that a no-op). A failing build fails
+these tests instead of skipping them; only a machine without a C++ compiler skips them.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dreamblend import ops
+from dreamblend.ops import cpp
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension():
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler (c++ or $CXX) to build the extension with")
+    start = time.perf_counter()
+    try:
+        directory = cpp.build()
+    except Exception as exc:  # noqa: BLE001 - reported as a failure with the compiler's message
+        pytest.fail(f"building the C++ extension failed: {exc}")
+    print(f"C++ extension ready in {time.perf_counter() - start:.1f} s: {directory}")
+    return directory
+
+
+SHAPES = [
+    # B, H, M, N, D: M in {1, 63, 300} (300: a full and a partial row tile), N in {1, 77}, D in {40, 64}
+    (1, 1, 1, 1, 40),
+    (3, 5, 63, 77, 64),
+    (1, 5, 300, 77, 40),
+    (3, 1, 300, 1, 64),
+    (3, 5, 1, 77, 40),
+    (1, 1, 63, 77, 64),
+]
+# Tolerances against the reference: both compute in float32 (float64 for float64), so they differ
+# only in summation order, plus one rounding of the half-precision outputs.
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
+MAP_TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.bfloat16: dict(rtol=1e-4, atol=1e-5),
+}
+
+
+def make_qkv(b, h, m, n, d, dtype=torch.float64, seed=0, kv_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, s, d, generator=g).to(dtype) for s in (m, n, n))
+    return q.requires_grad_(), k.requires_grad_(kv_grad), v.requires_grad_(kv_grad)
+
+
+def token_subset(n: int) -> list[int]:
+    """A subset with a repeated token and a negative index (the last token)."""
+    return [0, n // 2, n // 2, -1]
+
+
+def reference_map_with_margin(q, k, v, tokens, head_mean, seed=1):
+    """Maps a few percent off the true ones, so no sign of ``A - ref`` depends on rounding."""
+    with torch.no_grad():
+        _, maps = ops.capture_attention(q, k, v, tokens=tokens, head_mean=head_mean, backend="torch")
+    g = torch.Generator().manual_seed(seed)
+    sign = torch.randint(0, 2, maps.shape, generator=g).to(maps.dtype) * 2 - 1
+    return maps + sign * (0.01 + 0.04 * torch.rand(maps.shape, generator=g).to(maps.dtype))
+
+
+def run_op(op, backend, q, k, v, ref, tokens, head_mean, use):
+    """The op's outputs and dQ, dK, dV of a weighted sum of the outputs named in ``use``."""
+    if op == "capture":
+        out, second = ops.capture_attention(q, k, v, tokens=tokens, head_mean=head_mean, backend=backend)
+    else:
+        out, second = ops.guided_attention(q, k, v, ref, tokens=tokens, head_mean=head_mean, backend=backend)
+    g = torch.Generator().manual_seed(2)
+    objective = 0
+    if use in ("both", "out"):
+        objective = (
+            objective + (out.double() * torch.randn(out.shape, generator=g, dtype=torch.float64)).sum()
+        )
+    if use in ("both", "second"):
+        weight = torch.rand(second.shape, generator=g, dtype=torch.float64) + 0.5
+        objective = objective + (second.double() * weight).sum()
+    wrt = [t for t in (q, k, v) if t.requires_grad]
+    grads = torch.autograd.grad(objective, wrt)
+    return out.detach(), second.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("use", ["both", "out", "second"])
+@pytest.mark.parametrize("head_mean", [False, True], ids=["per_head", "head_mean"])
+@pytest.mark.parametrize("op", ["capture", "guided"])
+@pytest.mark.parametrize("b,h,m,n,d", SHAPES)
+def test_matches_reference(b, h, m, n, d, op, head_mean, use, dtype):
+    q, k, v = make_qkv(b, h, m, n, d, dtype=dtype)
+    tokens = token_subset(n) if (b + m) % 2 == 0 else None
+    ref = reference_map_with_margin(q, k, v, tokens, head_mean) if op == "guided" else None
+    out, second, grads = run_op(op, "cpp", q, k, v, ref, tokens, head_mean, use)
+    out_r, second_r, grads_r = run_op(op, "torch", q, k, v, ref, tokens, head_mean, use)
+    assert out.dtype == dtype and second.dtype == second_r.dtype == torch.promote_types(dtype, torch.float32)
+    torch.testing.assert_close(out, out_r, **TOLERANCES[dtype])
+    torch.testing.assert_close(second, second_r, **MAP_TOLERANCES[dtype])
+    for grad, grad_r in zip(grads, grads_r, strict=True):
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad, grad_r, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("head_mean", [False, True], ids=["per_head", "head_mean"])
+def test_guidance_needs_dq_only(head_mean):
+    """Frozen text features: k and v get no gradient, and the loss alone drives dQ."""
+    q, k, v = make_qkv(2, 3, 130, 77, 40, kv_grad=False)
+    ref = reference_map_with_margin(q, k, v, [5, 6], head_mean)
+    _, loss = ops.guided_attention(q, k, v, ref, tokens=[5, 6], head_mean=head_mean, backend="cpp")
+    loss.sum().backward()
+    _, loss_r = ops.guided_attention(q, k, v, ref, tokens=[5, 6], head_mean=head_mean, backend="torch")
+    (dq_r,) = torch.autograd.grad(loss_r.sum(), q)
+    assert k.grad is None and v.grad is None
+    torch.testing.assert_close(q.grad, dq_r, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("head_mean", [False, True], ids=["per_head", "head_mean"])
+def test_capture_gradcheck(head_mean):
+    q, k, v = make_qkv(1, 2, 5, 3, 4)
+    tokens = torch.tensor([2, 0, 2])
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: cpp.capture_attention(q, k, v, 0.7, tokens, head_mean), (q, k, v)
+    )
+
+
+def test_double_backward_is_refused():
+    q, k, v = make_qkv(1, 2, 5, 3, 4)
+    _, maps = cpp.capture_attention(q, k, v, 0.7, None, False)
+    (dq,) = torch.autograd.grad(maps.pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        dq.sum().backward()
+
+
+def test_bitwise_deterministic_across_runs_and_thread_counts():
+    q, k, v = make_qkv(2, 4, 300, 77, 40, dtype=torch.float32)
+    ref = reference_map_with_margin(q, k, v, None, False)
+
+    def run():
+        out, loss = ops.guided_attention(q, k, v, ref, backend="cpp")
+        _, maps = ops.capture_attention(q, k, v, head_mean=True, backend="cpp")
+        grads = torch.autograd.grad(loss.sum() + out.sum() + maps.sum(), (q, k, v))
+        return out, loss, maps, *grads
+
+    threads = torch.get_num_threads()
+    first, second = run(), run()
+    torch.set_num_threads(1)
+    try:
+        single = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, second, single, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_backward_keeps_no_probabilities_alive():
+    b, h, m, n, d = 2, 4, 512, 64, 8
+    q, k, v = make_qkv(b, h, m, n, d, dtype=torch.float32)
+    ref = torch.rand(b, h, m, 2)
+    _, loss = ops.guided_attention(q, k, v, ref, tokens=[0, 1], backend="cpp")
+    gc.collect()
+    saved = [t for t in loss.grad_fn.saved_tensors if t is not None]
+    assert max(t.numel() for t in saved) < b * h * m * n
+
+
+def test_ops_pass_torch_library_checks():
+    """Schemas, fake kernels and autograd registration, as torch.compile relies on them."""
+    q, k, v = make_qkv(2, 2, 9, 5, 8, dtype=torch.float32)
+    tokens = torch.tensor([1, 1, 4])
+    ref = torch.rand(2, 2, 9, 3)
+    torch.library.opcheck(torch.ops.dreamblend_cpp.capture_attention, (q, k, v, tokens, 0.3, False))
+    torch.library.opcheck(torch.ops.dreamblend_cpp.guided_attention, (q, k, v, ref, tokens, 0.3, False))
+    # The backward op runs inside a backward pass, on inputs that carry no graph.
+    q, k, v = (t.detach() for t in (q, k, v))
+    d_out, d_maps = torch.randn(2, 2, 9, 8), torch.randn(2, 9, 3)
+    torch.library.opcheck(
+        torch.ops.dreamblend_cpp.attention_backward,
+        (q, k, v, tokens, d_out, d_maps, None, None, 0.3, True, True, False, True),
+    )
+
+
+def test_op_checks_its_arguments():
+    q, k, v = make_qkv(1, 2, 4, 7, 8)
+    with pytest.raises(RuntimeError, match=r"ref has shape \[1, 4, 7\], expected \[1, 2, 4, 7\]"):
+        torch.ops.dreamblend_cpp.guided_attention(
+            q, k, v, torch.rand(1, 4, 7, dtype=q.dtype), None, 0.3, False
+        )
+    with pytest.raises(RuntimeError, match=r"token indices must lie in \[0, 7\)"):
+        torch.ops.dreamblend_cpp.capture_attention(q, k, v, torch.tensor([7]), 0.3, False)
+
+
+def test_dispatch_picks_cpp_on_cpu():
+    assert "cpp" in ops.available_backends()
+    assert ops.resolve_backend("auto", torch.device("cpu")) is cpp
+    q, k, v = make_qkv(1, 2, 4, 7, 8)
+    out, maps = ops.capture_attention(q, k, v, tokens=[1, -1], head_mean=True)
+    out_r, maps_r = ops.capture_attention(q, k, v, tokens=[1, -1], head_mean=True, backend="torch")
+    torch.testing.assert_close(out, out_r, **TOLERANCES[torch.float64])
+    torch.testing.assert_close(maps, maps_r, **TOLERANCES[torch.float64])
+
+
+def test_new_process_loads_the_cached_build_without_compiling():
+    code = (
+        "import sys, torch; from dreamblend import ops; from dreamblend.ops import cpp; "
+        "assert 'torch.utils.cpp_extension' not in sys.modules; "
+        "print(ops.resolve_backend('auto', torch.device('cpu')).__name__)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DREAMBLEND_BUILD_CPP"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "dreamblend.ops.cpp"

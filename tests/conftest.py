@@ -13,6 +13,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Tiny models are overhead-bound; one thread avoids OpenMP spinning on a busy machine.
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

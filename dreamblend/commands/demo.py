@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     pipe = DreamBlendPipeline(**components, guidance_unet=guidance_unet)
     pipe.set_progress_bar_config(disable=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(1)  # a tiny model is overhead-bound: extra threads only spin
     pipe.to(device)
     backend = resolved_backend_name(args.backend, torch.device(device))
 

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from accelerate.state import AcceleratorState
 
 from dreamblend.testing import save_tiny_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -15,12 +14,9 @@ DATA = Path(os.environ.get("DREAMBLEND_DATA", Path(__file__).resolve().parents[3
 
 
 @pytest.fixture(autouse=True)
-def _single_thread_and_fresh_accelerator():
-    """Tiny models run fastest on one thread; each run may pick its own mixed precision."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _fresh_accelerator():
+    """Each run may pick its own mixed precision, which accelerate fixes once per process state."""
     yield
-    torch.set_num_threads(threads)
     AcceleratorState._reset_state(reset_partial_state=True)
 
 

@@ -17,13 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamblend", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"dreamblend.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"dreamblend.commands.{name}":
-                raise
-            continue  # command not part of this build
-        module.register(sub)
+        importlib.import_module(f"dreamblend.commands.{name}").register(sub)
     return parser
 
 

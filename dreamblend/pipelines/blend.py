@@ -21,6 +21,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils import BaseOutput
 from torch import Tensor
 
@@ -616,6 +617,74 @@ class DreamBlendMixin:
         if isinstance(spec, (str, os.PathLike)):
             unet.to(self.unet.device)
         return unet
+
+    def _blend(
+        self,
+        pair: ModelPair,
+        cond: Conditioning,
+        store: AttentionStore,
+        *,
+        alpha: float,
+        num_inference_steps: int,
+        height: int,
+        width: int,
+        eta: float,
+        generator: Any,
+        latents: Tensor | None,
+        guidance_steps: GuidanceSteps,
+        schedule: str,
+        return_reference: bool,
+        callback_on_step_end: Any,
+        callback_on_step_end_tensor_inputs: Any,
+    ) -> tuple[Tensor, Tensor]:
+        """Steps shared by the pipelines: the start latent, then G and E through Algorithm 1.
+
+        Returns E's final latents and G's (G's stop advancing after the last guided step unless
+        ``return_reference``).
+        """
+        device = self._execution_device
+        batch_size = cond.embeds.shape[0] // (2 if cond.do_cfg else 1)
+
+        # Timesteps and the start latent l_T, shared by G and E (kept in float32)
+        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device)
+        channels = self.unet.config.in_channels
+        latents = self.prepare_latents(
+            batch_size, channels, height, width, cond.embeds.dtype, device, generator, latents
+        ).float()
+        self._num_timesteps = len(timesteps)
+
+        # The DreamBlend loop: G records reference maps, E follows them (DESIGN §2)
+        sampler = DreamBlendSampler(
+            pair,
+            store,
+            cond,
+            self.scheduler,
+            alpha=alpha,
+            guided_steps=resolve_guided_steps(guidance_steps, len(timesteps)),
+            num_steps=len(timesteps),
+            return_reference=return_reference,
+            edit_step_kwargs=self.prepare_extra_step_kwargs(generator, eta),
+            guidance_step_kwargs=self.prepare_extra_step_kwargs(fork_generator(generator), eta),
+        )
+        g_latents, refs = latents, {}
+        phases = ("guidance", "edit") if schedule == "two_phase" else ("lockstep",)
+        with sampler.session(), self.progress_bar(total=len(timesteps) * len(phases)) as progress_bar:
+            for phase in phases:
+                for i, t in enumerate(timesteps):
+                    if self.interrupt:
+                        continue
+                    if phase != "edit" and sampler.runs_guidance(i):
+                        # G: a plain CFG step; at guided steps its conditional maps are E's reference
+                        g_latents, refs[i] = sampler.guidance_step(i, t, g_latents)
+                    if phase != "guidance":
+                        # E: one gradient step toward G's maps, then its own CFG step at the new latent
+                        latents = sampler.edit_step(i, t, latents, refs.pop(i, None))
+                        latents = step_callback(
+                            self, callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents
+                        )
+                    progress_bar.update()
+        sampler.finish()
+        return latents, g_latents
 
     @torch.no_grad()
     def invert(

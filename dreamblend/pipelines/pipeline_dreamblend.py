@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
@@ -19,13 +18,9 @@ from dreamblend.pipelines.blend import (
     Conditioning,
     DreamBlendMixin,
     DreamBlendPipelineOutput,
-    DreamBlendSampler,
     GuidanceSteps,
     check_schedule,
-    fork_generator,
     resolve_alpha,
-    resolve_guided_steps,
-    step_callback,
     vae_decode,
 )
 from dreamblend.store import AttentionStore, LayerSpec
@@ -166,9 +161,15 @@ class DreamBlendPipeline(DreamBlendMixin, StableDiffusionPipeline):
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(
-            prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            prompt,
+            height,
+            width,
+            None,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )  # fmt: skip
+        )
         alpha = resolve_alpha(cross_attention_guidance_scale, self.scheduler.config.prediction_type)
         check_schedule(schedule)
         pair = self._model_pair(guidance_adapter, edit_adapter)
@@ -183,56 +184,28 @@ class DreamBlendPipeline(DreamBlendMixin, StableDiffusionPipeline):
             prompt, negative_prompt, guidance_scale, num_images_per_prompt, device, height, width,
             prompt_embeds, negative_prompt_embeds, clip_skip,
         )  # fmt: skip
-        batch_size = cond.embeds.shape[0] // (2 if cond.do_cfg else 1)
 
-        # 2. Timesteps and the start latent l_T, shared by G and E (kept in float32)
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device)
-        latents = self.prepare_latents(
-            batch_size,
-            self.unet.config.in_channels,
-            height,
-            width,
-            cond.embeds.dtype,
-            device,
-            generator,
-            latents,
-        ).float()
-        self._num_timesteps = len(timesteps)
-
-        # 3. The DreamBlend loop: G records reference maps, E follows them (DESIGN §2)
+        # 2. G and E from one start latent through Algorithm 1
         store = AttentionStore(attention_tokens, head_mean, attention_layers, attention_backend)
-        sampler = DreamBlendSampler(
+        latents, g_latents = self._blend(
             pair,
-            store,
             cond,
-            self.scheduler,
+            store,
             alpha=alpha,
-            guided_steps=resolve_guided_steps(guidance_steps, len(timesteps)),
-            num_steps=len(timesteps),
+            num_inference_steps=num_inference_steps,
+            height=height,
+            width=width,
+            eta=eta,
+            generator=generator,
+            latents=latents,
+            guidance_steps=guidance_steps,
+            schedule=schedule,
             return_reference=return_reference,
-            edit_step_kwargs=self.prepare_extra_step_kwargs(generator, eta),
-            guidance_step_kwargs=self.prepare_extra_step_kwargs(fork_generator(generator), eta),
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
-        g_latents, refs = latents, {}
-        phases = ("guidance", "edit") if schedule == "two_phase" else ("lockstep",)
-        with sampler.session(), self.progress_bar(total=len(timesteps) * len(phases)) as progress_bar:
-            for phase in phases:
-                for i, t in enumerate(timesteps):
-                    if self.interrupt:
-                        continue
-                    if phase != "edit" and sampler.runs_guidance(i):
-                        # G: a plain CFG step; at guided steps its conditional maps are E's reference
-                        g_latents, refs[i] = sampler.guidance_step(i, t, g_latents)
-                    if phase != "guidance":
-                        # E: one gradient step toward G's maps, then its own CFG step at the new latent
-                        latents = sampler.edit_step(i, t, latents, refs.pop(i, None))
-                        latents = step_callback(
-                            self, callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents
-                        )
-                    progress_bar.update()
-        sampler.finish()
 
-        # 4. Decode E's image (and G's reference)
+        # 3. Decode E's image (and G's reference)
         dtype = cond.embeds.dtype
         images, nsfw = self._decode(latents, output_type, device, dtype)
         reference = self._decode(g_latents, output_type, device, dtype)[0] if return_reference else None

@@ -72,12 +72,15 @@ class Problem:
 def make_problem(
     layer: Layer, batch: int, dtype: torch.dtype, device, n_tokens: int | None, head_mean: bool
 ) -> Problem:
-    """Random q, k, v, a downstream gradient for ``out`` and a reference map for the loss."""
+    """Random q, k, v, a downstream gradient for ``out`` and a reference map for the loss.
+
+    q, k, v and the gradient are ``(B, H, L, D)`` views of ``(B, L, H, D)`` memory, as diffusers'
+    processors pass them to attention (the layout every peer gets)."""
     gen = torch.Generator(device=device).manual_seed(0)
     b, h, m, d, n = batch, layer.heads, layer.m, layer.head_dim, TEXT_TOKENS
 
-    def randn(*shape: int) -> Tensor:
-        return torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    def randn(b: int, h: int, length: int, d: int) -> Tensor:
+        return torch.randn((b, length, h, d), generator=gen, device=device, dtype=dtype).transpose(1, 2)
 
     tokens = None if n_tokens is None else torch.arange(1, n_tokens + 1, device=device)
     t = n if tokens is None else n_tokens

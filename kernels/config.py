@@ -131,10 +131,12 @@ def select_config(kind: Kind, head_dim: int, n_keys: int, n_selected: int | None
     """Tile sizes for a launch; ``n_selected`` is the token-list length, None for all keys.
 
     Register use grows with the ``BLOCK_M x N_PAD`` fp32 tiles (P, and dP, dS in the backward),
-    so the query block shrinks as the key tile grows; with these choices sm_90 ptxas reports no
-    spills for the SD shapes (N=77, D up to 160) except a little in the dK/dV variant at D=160.
-    ``num_stages`` is 1: the only loops walk heads and head-dim chunks, which gain little from
-    prefetching and would multiply shared memory.
+    so the query block shrinks as the key tile grows. At the SD shapes (fp16, N=77, D 40 to 160)
+    with row strides divisible by 16 elements, as in diffusers' ``(B, M, H, D)`` views, sm_90
+    ptxas reports no spills except 48 bytes in the dK/dV backward. Contiguous ``(B, H, M, 40)``
+    rows (80 bytes) cannot be proven aligned, so their loads are not vectorized and spill more.
+    ``num_stages`` is 1: the only loops walk heads, head-dim chunks and (dK/dV) query blocks,
+    which gain little from prefetching and would multiply shared memory.
     """
     n_pad = next_pow2(n_keys)
     t_pad = n_pad if n_selected is None else next_pow2(n_selected)
@@ -149,8 +151,9 @@ def select_config(kind: Kind, head_dim: int, n_keys: int, n_selected: int | None
 
 def backward_programs(m: int, block_m: int, batch_heads: int, need_dkv: bool) -> int:
     """Programs per head of the backward grid: one per query block for dQ alone; with dK/dV each
-    program walks several blocks into one partial, so partials take ``(B*H, programs, N, D)``
-    fp32 however large ``M`` is (never the size of the ``(B, H, M, N)`` probabilities)."""
+    program walks several blocks into one partial, so the partials, ``(B*H, programs, N, D)``
+    fp32, stop growing with ``M``: about ``DKV_PROGRAMS * N * D`` floats each for dK and dV
+    (6 MB at N=77, D=40) while ``B*H`` stays under ``DKV_PROGRAMS``."""
     blocks = -(-m // block_m)
     if not need_dkv:
         return blocks

@@ -12,6 +12,8 @@ from dreamblend.kernels.launch import attention_backward, attention_forward
 from torch import Tensor
 from torch.library import triton_op
 
+from dreamblend.ops.autograd import register_attention_autograd
+
 
 @triton_op("dreamblend::triton_capture_attention", mutates_args=())
 def _capture(
@@ -51,46 +53,16 @@ def _backward(
     return dq, q.new_empty(0) if dk is None else dk, q.new_empty(0) if dv is None else dv
 
 
-def _input_grads(
-    ctx, saved: tuple, d_out: Tensor | None, d_maps: Tensor | None, ref: Tensor | None, d_loss: Tensor | None
-):
-    # `saved` is ctx.saved_tensors unpacked once by the caller: non-reentrant checkpointing allows one.
-    q, k, v, tokens = saved[:4]
-    need_q, need_k, need_v = ctx.needs_input_grad[:3]
-    dq, dk, dv = torch.ops.dreamblend.triton_attention_backward(
-        q, k, v, tokens, d_out, d_maps, ref, d_loss, ctx.scale, ctx.head_mean, need_k, need_v
+def _backward_dq_dk_dv(q, k, v, tokens, d_out, d_maps, ref, d_loss, scale, head_mean, need_q, need_k, need_v):
+    # dQ is always computed (guidance needs it): the op takes only the dK/dV flags.
+    return torch.ops.dreamblend.triton_attention_backward(
+        q, k, v, tokens, d_out, d_maps, ref, d_loss, scale, head_mean, need_k, need_v
     )
-    return (dq if need_q else None), (dk if need_k else None), (dv if need_v else None)
 
 
-def _save(ctx, q: Tensor, k: Tensor, v: Tensor, tokens: Tensor | None, scale: float, head_mean: bool, *extra):
-    ctx.save_for_backward(q, k, v, tokens, *extra)
-    ctx.scale, ctx.head_mean = scale, head_mean
-    ctx.set_materialize_grads(False)  # an output without a gradient costs no work in the backward
-
-
-def _capture_setup(ctx, inputs, output) -> None:
-    q, k, v, tokens, scale, head_mean = inputs
-    _save(ctx, q, k, v, tokens, scale, head_mean)
-
-
-def _capture_backward(ctx, d_out: Tensor | None, d_maps: Tensor | None):
-    return (*_input_grads(ctx, ctx.saved_tensors, d_out, d_maps, None, None), None, None, None)
-
-
-def _guided_setup(ctx, inputs, output) -> None:
-    q, k, v, ref, tokens, scale, head_mean = inputs
-    _save(ctx, q, k, v, tokens, scale, head_mean, ref)
-
-
-def _guided_backward(ctx, d_out: Tensor | None, d_loss: Tensor | None):
-    saved = ctx.saved_tensors
-    ref = saved[4] if d_loss is not None else None
-    return (*_input_grads(ctx, saved, d_out, None, ref, d_loss), None, None, None, None)
-
-
-_capture.register_autograd(_capture_backward, setup_context=_capture_setup)
-_guided.register_autograd(_guided_backward, setup_context=_guided_setup)
+register_attention_autograd(
+    "dreamblend::triton_capture_attention", "dreamblend::triton_guided_attention", _backward_dq_dk_dv
+)
 
 
 def _reference():

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from dreamblend.ops.autograd import register_attention_autograd
 from dreamblend.ops.reference import compute_dtype
 
 __all__ = [
@@ -80,12 +81,8 @@ def _register_python_side() -> None:
     }
     for name, fake in fakes.items():
         torch.library.register_fake(f"{_NAME}::{name}", fake)
-    torch.library.register_autograd(
-        f"{_NAME}::capture_attention", _capture_backward, setup_context=_capture_setup
-    )
-    torch.library.register_autograd(
-        f"{_NAME}::guided_attention", _guided_backward, setup_context=_guided_setup
-    )
+    backward = torch.ops.dreamblend_cpp.attention_backward
+    register_attention_autograd(f"{_NAME}::capture_attention", f"{_NAME}::guided_attention", backward)
     torch.library.register_autograd(f"{_NAME}::attention_backward", _refuse_double_backward)
 
 
@@ -187,47 +184,9 @@ def _backward_fake(
     return grad(q, need_dq), grad(k, need_dk), grad(v, need_dv)
 
 
-def _save(ctx, q: Tensor, k: Tensor, v: Tensor, tokens: Tensor | None, scale: float, head_mean: bool, *extra):
-    # Only the inputs are kept: the backward recomputes the probabilities tile by tile.
-    ctx.save_for_backward(q, k, v, tokens, *extra)
-    ctx.scale, ctx.head_mean = scale, head_mean
-    ctx.set_materialize_grads(False)  # an output without a gradient costs no work in the backward
-
-
-def _input_grads(
-    ctx, saved: tuple, d_out: Tensor | None, d_maps: Tensor | None, ref: Tensor | None, d_loss: Tensor | None
-):
-    # `saved` is ctx.saved_tensors unpacked once by the caller: non-reentrant checkpointing allows one.
-    q, k, v, tokens = saved[:4]
-    need_q, need_k, need_v = ctx.needs_input_grad[:3]
-    dq, dk, dv = torch.ops.dreamblend_cpp.attention_backward(
-        q, k, v, tokens, d_out, d_maps, ref, d_loss, ctx.scale, ctx.head_mean, need_q, need_k, need_v
-    )
-    return (dq if need_q else None), (dk if need_k else None), (dv if need_v else None)
-
-
 def _refuse_double_backward(ctx, *grads):
     # Guidance and training take one gradient; say so instead of silently returning no gradient.
     raise RuntimeError("the dreamblend C++ ops do not support double backward (create_graph=True)")
-
-
-def _capture_setup(ctx, inputs, output) -> None:
-    _save(ctx, *inputs)
-
-
-def _capture_backward(ctx, d_out: Tensor | None, d_maps: Tensor | None):
-    return (*_input_grads(ctx, ctx.saved_tensors, d_out, d_maps, None, None), None, None, None)
-
-
-def _guided_setup(ctx, inputs, output) -> None:
-    q, k, v, ref, tokens, scale, head_mean = inputs
-    _save(ctx, q, k, v, tokens, scale, head_mean, ref)
-
-
-def _guided_backward(ctx, d_out: Tensor | None, d_loss: Tensor | None):
-    saved = ctx.saved_tensors
-    ref = saved[4] if d_loss is not None else None
-    return (*_input_grads(ctx, saved, d_out, None, ref, d_loss), None, None, None, None)
 
 
 # ---- backend entry points ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from torch import Tensor
 
 from dreamblend.pipelines.blend import Conditioning
+from dreamblend.testing import sd_ddim_scheduler, tiny_sd_components, tiny_sdxl_components
 
 __all__ = [
     "MODELS",
@@ -94,7 +95,6 @@ SDXL_UNET: dict[str, Any] = {
 @functools.cache
 def _tiny_config(kind: str, sample_size: int) -> dict[str, Any]:
     """The UNet config of :mod:`dreamblend.testing`'s tiny fixtures (same module types), small latents."""
-    from dreamblend.testing import tiny_sd_components, tiny_sdxl_components
 
     build = tiny_sdxl_components if kind == "sdxl" else tiny_sd_components
     return dict(build(seed=0, sample_size=sample_size)["unet"].config)
@@ -132,16 +132,7 @@ def build_unet(spec: ModelSpec, seed: int, dtype: torch.dtype, device: torch.dev
 
 def make_scheduler(spec: ModelSpec) -> DDIMScheduler:
     """DDIM with SD's training schedule (the sampler of the DreamBlend paper), per prediction type."""
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=spec.prediction_type,
-    )
+    return sd_ddim_scheduler(spec.prediction_type)
 
 
 def make_inputs(

@@ -280,6 +280,20 @@ def _check_prediction_type(prediction_type: str) -> None:
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
 
 
+def sd_ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """DDIM with SD1.x/2.x's training schedule (the DreamBlend paper's sampler)."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
 def tiny_sd_components(
     seed: int = 0,
     *,
@@ -324,16 +338,7 @@ def tiny_sd_components(
         tokenizer, cross_attention_dim, projection_dim=cross_attention_dim, hidden_act="quick_gelu"
     )
     text_encoder = _seeded(seed, "text_encoder", lambda: CLIPTextModel(text_config))
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    scheduler = sd_ddim_scheduler(prediction_type)
     return {
         "unet": unet,
         "vae": vae,

@@ -95,7 +95,6 @@ SDXL_UNET: dict[str, Any] = {
 @functools.cache
 def _tiny_config(kind: str, sample_size: int) -> dict[str, Any]:
     """The UNet config of :mod:`dreamblend.testing`'s tiny fixtures (same module types), small latents."""
-
     build = tiny_sdxl_components if kind == "sdxl" else tiny_sd_components
     return dict(build(seed=0, sample_size=sample_size)["unet"].config)
 

@@ -1,4 +1,5 @@
-"""Loading DreamBlend's checkpoints: diffusers folders or hub ids, LoRA files, Custom Diffusion files.
+"""Loading DreamBlend's checkpoints: diffusers folders or hub ids, LoRA files, Custom Diffusion files,
+and the checkpoint folders ``dreamblend train`` writes (with their learned tokens).
 
 Pickle-based weight files (``.bin``, ``.ckpt``, ``.pt``, ``.pth``) can run arbitrary code when
 loaded, so they are refused unless the caller opts in with ``allow_pickle=True`` (``--allow-pickle``).
@@ -184,6 +185,87 @@ def load_pipeline(
 
 
 @dataclass(frozen=True)
+class RoleCheckpoint:
+    """What one role's ``ModelSpec.model`` resolves to.
+
+    ``kind``: "diffusers" (``where`` is a folder or hub id), "lora" or "custom_diffusion" (``where`` is
+    the file), or None for the base model; ``embedding``: a learned-token file that goes with it.
+    """
+
+    kind: str | None
+    where: str | None = None
+    embedding: Path | None = None
+    base_model: str | None = None
+
+
+def resolve_checkpoint(model: PathLike, *, allow_pickle: bool = False) -> RoleCheckpoint:
+    """Resolve a model argument; a ``dreamblend train`` checkpoint folder is read from its manifest."""
+    from dreamblend.training.trajectory import MANIFEST_FILE, read_checkpoint
+
+    path = Path(model)
+    if (path / MANIFEST_FILE).is_file():
+        info = read_checkpoint(path)
+        if info.unet is not None:
+            kind, where = "diffusers", str(info.unet)
+        elif info.lora is not None:
+            kind, where = "lora", str(info.lora)
+        else:
+            kind, where = None, None  # e.g. AttnDreamBooth stage 1: the token only
+        return RoleCheckpoint(kind, where, info.embedding, info.base_model)
+    kind, where = checkpoint_kind(model, allow_pickle=allow_pickle)
+    embedding = path / EMBEDDING_FILE if (path / EMBEDDING_FILE).is_file() else None
+    return RoleCheckpoint(kind, where, embedding)
+
+
+def _same_model(a: str, b: str) -> bool:
+    return Path(a).resolve() == Path(b).resolve() if Path(a).exists() and Path(b).exists() else a == b
+
+
+def check_base_model(pipe: Any, role: str, model: str, checkpoint: RoleCheckpoint) -> None:
+    """Warn when a training checkpoint was made from another base model than the pipeline's."""
+    base = getattr(pipe, "name_or_path", None)
+    if checkpoint.base_model and base and not _same_model(checkpoint.base_model, base):
+        warnings.warn(
+            f"the {role} checkpoint {model} was trained from {checkpoint.base_model}, but the pipeline's "
+            f"base model is {base}; LoRA, Custom Diffusion and token files apply to the base model they "
+            "were trained on, so pass that one as the model",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def read_token_embeddings(path: PathLike, *, allow_pickle: bool = False) -> dict[str, Tensor]:
+    """``{token: vector}`` from a learned-embedding file (diffusers' textual-inversion layout)."""
+    state = read_state_dict(path, allow_pickle=allow_pickle)
+    if not state or not all(isinstance(v, Tensor) and v.is_floating_point() for v in state.values()):
+        raise ValueError(
+            f"{path} is not a learned-token file: expected {{token: embedding vector}} as written by "
+            "'dreamblend train attndreambooth' or diffusers' textual inversion"
+        )
+    return state
+
+
+def load_token_embeddings(pipe: Any, embeddings: dict[str, dict[str, Tensor]]) -> dict[str, Tensor] | None:
+    """Put the roles' learned tokens into the pipeline's text encoder; returns G's differing vectors.
+
+    The text encoder holds E's vector for a token both roles learned (G's where only G has it). Where
+    G's differs (an earlier stage of the same run) it comes back as ``guidance_token_embeddings``.
+    """
+    if not embeddings:
+        return None
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise ValueError(
+            "a checkpoint holds a learned token embedding, but SDXL has two text encoders and these files "
+            "hold one vector per token; use DreamBooth (full or LoRA) checkpoints for SDXL"
+        )
+    guidance, edit = embeddings.get("guidance", {}), embeddings.get("edit", {})
+    shared = {**guidance, **edit}
+    pipe.load_textual_inversion([{token: v} for token, v in shared.items()], token=list(shared))
+    own = {token: v for token, v in guidance.items() if not torch.equal(v, shared[token])}
+    return own or None
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One role's checkpoint as named on the command line or in a jobs file.
 
@@ -229,29 +311,30 @@ def load_lora(
 
 def prepare_models(
     pipe: Any, guidance: ModelSpec, edit: ModelSpec, *, allow_pickle: bool = False
-) -> dict[str, str | None]:
-    """Put G and E into ``pipe`` (``unet`` is E, ``guidance_unet`` G); returns the call's adapter kwargs.
+) -> dict[str, Any]:
+    """Put G and E into ``pipe`` (``unet`` is E, ``guidance_unet`` G); returns the call's role kwargs.
 
     Full checkpoints replace the base UNet for their role; LoRA files become adapters named after the
     role; Custom Diffusion files install their processors on the base UNet (on a copy when the other
     role also uses the base). Without any guidance checkpoint G is the base model (adapters off).
+    ``dreamblend train`` checkpoint folders are read from their manifest, and their learned tokens go
+    into the text encoder (see :func:`load_token_embeddings`).
     """
     specs = {"guidance": guidance, "edit": edit}
     kinds: dict[str, str | None] = {}
     where: dict[str, str] = {}
+    embeddings: dict[str, dict[str, Tensor]] = {}
     adapters = {role: s.adapter for role, s in specs.items()}
     for role, spec in specs.items():
         kinds[role] = None
         if spec.model:
-            kinds[role], where[role] = checkpoint_kind(spec.model, allow_pickle=allow_pickle)
-            if (Path(spec.model) / EMBEDDING_FILE).is_file():
-                warnings.warn(
-                    f"{spec.model} also holds a learned token embedding ({EMBEDDING_FILE}); G and E "
-                    "share the pipeline's text encoder, so it is not loaded (load it into the pipeline "
-                    "with pipe.load_textual_inversion if both roles should use it)",
-                    UserWarning,
-                    stacklevel=2,
-                )
+            resolved = resolve_checkpoint(spec.model, allow_pickle=allow_pickle)
+            check_base_model(pipe, role, spec.model, resolved)
+            kinds[role] = resolved.kind
+            if resolved.where is not None:
+                where[role] = resolved.where
+            if resolved.embedding is not None:
+                embeddings[role] = read_token_embeddings(resolved.embedding, allow_pickle=allow_pickle)
         if kinds[role] == "lora":
             if adapters[role]:
                 raise ValueError(
@@ -277,7 +360,11 @@ def prepare_models(
     for role, file in adapters.items():
         if file:
             load_lora(pipe, unets[role], file, role, allow_pickle=allow_pickle)
-    return {f"{role}_adapter": role if adapters[role] else None for role in specs}
+    kwargs: dict[str, Any] = {f"{role}_adapter": role if adapters[role] else None for role in specs}
+    own = load_token_embeddings(pipe, embeddings)
+    if own is not None:
+        kwargs["guidance_token_embeddings"] = own
+    return kwargs
 
 
 def load_dreamblend(
@@ -288,8 +375,8 @@ def load_dreamblend(
     device: str | torch.device | None = None,
     torch_dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
-) -> tuple[DiffusionPipeline, dict[str, str | None]]:
-    """A ready DreamBlend pipeline for a base model and two role checkpoints, plus its adapter kwargs."""
+) -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """A ready DreamBlend pipeline for a base model and two role checkpoints, plus its call kwargs."""
     pipe = load_pipeline(model, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
     if device is not None:
         pipe.to(device)

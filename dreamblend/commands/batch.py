@@ -321,7 +321,7 @@ class BatchRunner:
         ) as bar:
             for p, pair_items in itertools.groupby(todo, key=lambda item: item.pair):
                 pair = self.jobs.pairs[p]
-                pipe, adapters = load_dreamblend(
+                pipe, roles = load_dreamblend(
                     self.jobs.model,
                     ModelSpec(pair.guidance, pair.guidance_adapter),
                     ModelSpec(pair.edit, pair.edit_adapter),
@@ -331,12 +331,12 @@ class BatchRunner:
                 )
                 pipe.set_progress_bar_config(disable=True)  # one bar for the whole batch
                 for _, group in itertools.groupby(pair_items, key=lambda item: (item.cfg, item.alpha)):
-                    self._generate(pipe, adapters, list(group), bar)
+                    self._generate(pipe, roles, list(group), bar)
                 del pipe
                 _release_memory()
         return len(todo), len(mine) - len(todo)
 
-    def _generate(self, pipe: Any, adapters: dict[str, Any], items: list[Item], bar: Any) -> None:
+    def _generate(self, pipe: Any, roles: dict[str, Any], items: list[Item], bar: Any) -> None:
         """Generate ``items`` (one alpha/CFG setting) in batches, halving the batch on out-of-memory."""
         from dreamblend.pipelines.blend import resolve_alpha
 
@@ -346,7 +346,7 @@ class BatchRunner:
             chunk = queue.popleft()
             try:
                 start = time.perf_counter()
-                images = self._forward(pipe, adapters, chunk)
+                images = self._forward(pipe, roles, chunk)
                 seconds = time.perf_counter() - start
             except RuntimeError as exc:
                 if not is_out_of_memory(exc):
@@ -369,7 +369,7 @@ class BatchRunner:
                 self._write(item, image, alpha, seconds / len(chunk))
                 bar.update()
 
-    def _forward(self, pipe: Any, adapters: dict[str, Any], chunk: list[Item]) -> list[Any]:
+    def _forward(self, pipe: Any, roles: dict[str, Any], chunk: list[Item]) -> list[Any]:
         import torch
 
         item = chunk[0]
@@ -379,7 +379,7 @@ class BatchRunner:
             guidance_scale=item.cfg,
             cross_attention_guidance_scale=item.alpha,
             **self.jobs.pipeline_options(),
-            **adapters,
+            **roles,
         ).images
 
     def _write(self, item: Item, image: Any, alpha: float, seconds: float) -> None:

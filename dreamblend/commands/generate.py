@@ -16,8 +16,9 @@ from typing import Any
 EPILOG = """\
 Models: --model is the base pipeline (diffusers folder or hub id). --guidance-model/--edit-model take
 a full checkpoint (diffusers folder with unet/), a LoRA file or a Custom Diffusion file (.safetensors,
-or a training checkpoint folder holding one); --guidance-adapter/--edit-adapter take LoRA files. A
-role left out uses the base model. Pickle files (.bin/.ckpt/.pt) need --allow-pickle.
+or a folder holding one), or a checkpoint folder written by 'dreamblend train' (OUT/checkpoint-STEP,
+its learned token included); --guidance-adapter/--edit-adapter take LoRA files. A role left out uses
+the base model. Pickle files (.bin/.ckpt/.pt) need --allow-pickle.
 """
 
 
@@ -205,7 +206,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
     paths = _output_paths(args.out, args.num_images)
     ensure_writable_dir(args.out.parent)
     device, dtype = resolve_runtime(args.device, args.dtype)
-    pipe, pair = load_dreamblend(
+    pipe, roles = load_dreamblend(
         args.model,
         ModelSpec(args.guidance_model, args.guidance_adapter),
         ModelSpec(args.edit_model, args.edit_adapter),
@@ -218,7 +219,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
     if args.image is not None:
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         image = Image.open(args.image).convert("RGB")
-        latents = pipe.invert(image, args.source_prompt, args.steps, height=height, width=width, **pair)
+        latents = pipe.invert(image, args.source_prompt, args.steps, height=height, width=width, **roles)
         height, width = (size * pipe.vae_scale_factor for size in latents.shape[-2:])
     output = pipe(
         args.prompt,
@@ -233,7 +234,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
         latents=latents,
         return_reference=args.save_reference,
         **guidance_options(args),
-        **pair,
+        **roles,
     )
     written = []
     for i, path in enumerate(paths):

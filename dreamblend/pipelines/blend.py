@@ -13,7 +13,7 @@ import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -427,6 +427,9 @@ def fork_generator(generator: torch.Generator | list[torch.Generator] | None) ->
 class DreamBlendSampler:
     """G's and E's trajectories from one start latent (DESIGN §2), stepped by a pipeline's loop.
 
+    ``cond`` conditions E, ``guidance_cond`` G (the same unless G encodes its prompt with its own
+    learned token vectors, see :mod:`dreamblend.tokens`).
+
     G and E get separate scheduler instances (multistep schedulers keep history) and separate copies
     of the generator, so ``lockstep`` and ``two_phase`` give identical images.
     """
@@ -438,6 +441,7 @@ class DreamBlendSampler:
         cond: Conditioning,
         scheduler: Any,
         *,
+        guidance_cond: Conditioning | None = None,
         alpha: float,
         guided_steps: frozenset[int],
         num_steps: int,
@@ -446,6 +450,7 @@ class DreamBlendSampler:
         guidance_step_kwargs: Mapping[str, Any],
     ) -> None:
         self.pair, self.store, self.cond, self.alpha = pair, store, cond, alpha
+        self.guidance_cond = guidance_cond or cond
         self.guided_steps = guided_steps if alpha > 0 else frozenset()
         # G runs only as far as E needs references, unless its image is wanted too.
         self.guidance_until = num_steps if return_reference else max(self.guided_steps, default=-1) + 1
@@ -472,7 +477,7 @@ class DreamBlendSampler:
         unet = self.pair.use("guidance")
         store = self.store if i in self.guided_steps else None
         return cfg_step(
-            unet, self.guidance_scheduler, latents, t, self.cond, self.guidance_step_kwargs, store
+            unet, self.guidance_scheduler, latents, t, self.guidance_cond, self.guidance_step_kwargs, store
         )
 
     def edit_step(self, i: int, t: Tensor, latents: Tensor, ref: Mapping[str, Tensor] | None) -> Tensor:
@@ -603,6 +608,30 @@ class DreamBlendMixin:
     def _vae_upcast(self) -> bool:
         return False
 
+    def _token_scope(self, embeddings: Mapping[str, Tensor] | None) -> AbstractContextManager:
+        """Prompt encoding with ``embeddings`` in place of the text encoder's rows for those tokens."""
+        if embeddings:
+            raise ValueError(
+                f"{type(self).__name__} does not take guidance_token_embeddings; they are supported by "
+                "DreamBlendPipeline (one text encoder). Load the token into the pipeline for both roles"
+            )
+        return nullcontext()
+
+    def _role_conditioning(
+        self, guidance_token_embeddings: Mapping[str, Tensor] | None, **kwargs: Any
+    ) -> tuple[Conditioning, Conditioning]:
+        """E's and G's conditioning: one encoding unless G has its own learned token vectors."""
+        edit = self._conditioning(**kwargs)
+        if not guidance_token_embeddings:
+            return edit, edit
+        if kwargs.get("prompt_embeds") is not None:
+            raise ValueError(
+                "guidance_token_embeddings change how G's prompt is encoded, but prompt_embeds were given; "
+                "pass the prompt as text, or leave guidance_token_embeddings out so G uses prompt_embeds too"
+            )
+        with self._token_scope(guidance_token_embeddings):
+            return edit, self._conditioning(**kwargs)
+
     def _guidance_unet(self, spec: Any) -> UNet2DConditionModel | None:
         """The guidance UNet for ``guidance_unet=``: a UNet, a pipeline, a diffusers folder or a hub id.
 
@@ -624,6 +653,7 @@ class DreamBlendMixin:
         cond: Conditioning,
         store: AttentionStore,
         *,
+        guidance_cond: Conditioning,
         alpha: float,
         num_inference_steps: int,
         height: int,
@@ -659,6 +689,7 @@ class DreamBlendMixin:
             store,
             cond,
             self.scheduler,
+            guidance_cond=guidance_cond,
             alpha=alpha,
             guided_steps=resolve_guided_steps(guidance_steps, len(timesteps)),
             num_steps=len(timesteps),
@@ -697,6 +728,7 @@ class DreamBlendMixin:
         model: str = "guidance",
         guidance_adapter: AdapterSpec = None,
         edit_adapter: AdapterSpec = None,
+        guidance_token_embeddings: Mapping[str, Tensor] | None = None,
         height: int | None = None,
         width: int | None = None,
     ) -> Tensor:
@@ -706,6 +738,7 @@ class DreamBlendMixin:
         ``model`` role ("guidance" by default, or "edit"), without CFG unless ``guidance_scale > 1``.
         Sample the result with the same ``num_inference_steps`` and a ``DDIMScheduler``; with
         ``cross_attention_guidance_scale=0`` and ``guidance_scale=1`` the reference reconstructs the image.
+        ``guidance_token_embeddings`` (as for the call) apply when G inverts.
         """
         if not isinstance(self.scheduler, DDIMScheduler):
             warnings.warn(
@@ -720,15 +753,16 @@ class DreamBlendMixin:
         pixels = self.image_processor.preprocess(image, height=height, width=width).to(device)
         latents = vae_encode(self.vae, pixels, upcast=self._vae_upcast())
         per_prompt = latents.shape[0] if isinstance(prompt, str) else 1
-        cond = self._conditioning(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            guidance_scale=guidance_scale,
-            num_images_per_prompt=per_prompt,
-            device=device,
-            height=pixels.shape[-2],
-            width=pixels.shape[-1],
-        )
+        with self._token_scope(guidance_token_embeddings if model == "guidance" else None):
+            cond = self._conditioning(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                guidance_scale=guidance_scale,
+                num_images_per_prompt=per_prompt,
+                device=device,
+                height=pixels.shape[-2],
+                width=pixels.shape[-1],
+            )
         if cond.embeds.shape[0] // (2 if cond.do_cfg else 1) != latents.shape[0]:
             raise ValueError(
                 f"invert() got {latents.shape[0]} image(s) but {cond.embeds.shape[0]} prompt embedding rows; "

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from dreamblend.pipelines.blend import (
     vae_decode,
 )
 from dreamblend.store import AttentionStore, LayerSpec
+from dreamblend.tokens import token_embeddings
 
 
 class DreamBlendPipeline(DreamBlendMixin, StableDiffusionPipeline):
@@ -61,6 +63,9 @@ class DreamBlendPipeline(DreamBlendMixin, StableDiffusionPipeline):
 
     def _text_width(self) -> int | None:
         return None if self.text_encoder is None else self.text_encoder.config.hidden_size
+
+    def _token_scope(self, embeddings: Mapping[str, torch.Tensor] | None) -> AbstractContextManager:
+        return token_embeddings(self.tokenizer, self.text_encoder, embeddings)
 
     def _conditioning(
         self,
@@ -125,6 +130,7 @@ class DreamBlendPipeline(DreamBlendMixin, StableDiffusionPipeline):
         schedule: str = "lockstep",
         guidance_adapter: AdapterSpec = None,
         edit_adapter: AdapterSpec = None,
+        guidance_token_embeddings: Mapping[str, torch.Tensor] | None = None,
         return_reference: bool = False,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -149,6 +155,10 @@ class DreamBlendPipeline(DreamBlendMixin, StableDiffusionPipeline):
                 the scheduler draws noise, e.g. DDIM with ``eta > 0``).
             guidance_adapter, edit_adapter: LoRA adapter name(s) (or ``{name: weight}``) for G and E.
                 On a single UNet, G defaults to the base model (adapters off), E to the active adapters.
+            guidance_token_embeddings: ``{token: vector}`` that G's prompt is encoded with instead of the
+                text encoder's rows, when G and E learned different vectors for one token (e.g. an
+                AttnDreamBooth stage-1 checkpoint as G); the tokens must exist in the tokenizer.
+                :func:`dreamblend.checkpoints.load_dreamblend` returns them for checkpoint folders.
             return_reference: also decode G's image into ``reference_images``.
             callback_on_step_end: called after each of E's steps with E's ``latents`` (the only tensor
                 input), which it may replace.
@@ -179,11 +189,20 @@ class DreamBlendPipeline(DreamBlendMixin, StableDiffusionPipeline):
         self._interrupt = False
         device = self._execution_device
 
-        # 1. Text conditioning, shared by G and E
-        cond = self._conditioning(
-            prompt, negative_prompt, guidance_scale, num_images_per_prompt, device, height, width,
-            prompt_embeds, negative_prompt_embeds, clip_skip,
-        )  # fmt: skip
+        # 1. Text conditioning, shared by G and E unless G has its own token vectors
+        cond, guidance_cond = self._role_conditioning(
+            guidance_token_embeddings,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            device=device,
+            height=height,
+            width=width,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            clip_skip=clip_skip,
+        )
 
         # 2. G and E from one start latent through Algorithm 1
         store = AttentionStore(attention_tokens, head_mean, attention_layers, attention_backend)
@@ -191,6 +210,7 @@ class DreamBlendPipeline(DreamBlendMixin, StableDiffusionPipeline):
             pair,
             cond,
             store,
+            guidance_cond=guidance_cond,
             alpha=alpha,
             num_inference_steps=num_inference_steps,
             height=height,

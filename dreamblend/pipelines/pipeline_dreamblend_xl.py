@@ -202,6 +202,7 @@ class DreamBlendXLPipeline(DreamBlendMixin, StableDiffusionXLPipeline):
             pair,
             cond,
             store,
+            guidance_cond=cond,
             alpha=alpha,
             num_inference_steps=num_inference_steps,
             height=height,

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from dreamblend.ops import BACKENDS
 from dreamblend.processor import attach
 from dreamblend.store import AttentionStore
+from dreamblend.tokens import substitute
 from dreamblend.training.data import list_images
 from dreamblend.training.engine import (
     Batch,
@@ -155,8 +156,7 @@ class AttnDreamBoothTrainer(Trainer):
 
     def _substitute(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
         """Put the trained embedding where the prompt has the new token."""
-        mask = (inputs[0] == self.token_id).unsqueeze(-1)
-        return torch.where(mask, self.embedding.to(output.dtype), output)
+        return substitute(inputs[0], output, {self.token_id: self.embedding})
 
     def phase_parameters(self, index: int) -> dict[str, nn.Parameter]:
         if index not in self._stage_parameters:

@@ -12,10 +12,19 @@ from diffusers.models.attention_processor import (
     AttnAddedKVProcessor,
     AttnProcessor2_0,
 )
-from pipeline_helpers import PROMPT, blend_pipe, custom_diffusion_unet, gen, plain_pipe, sd_kwargs
+from pipeline_helpers import (
+    PROMPT,
+    blend_pipe,
+    blend_xl_pipe,
+    custom_diffusion_unet,
+    gen,
+    plain_pipe,
+    sd_kwargs,
+)
+from safetensors.torch import save_file
 
 from dreamblend import AttentionStore, DreamBlendPipeline, attach
-from dreamblend.checkpoints import read_state_dict
+from dreamblend.checkpoints import ModelSpec, prepare_models, read_state_dict
 from dreamblend.custom_diffusion import (
     CustomDiffusionDreamBlendProcessor,
     attach_dreamblend,
@@ -132,3 +141,24 @@ def test_processors_that_cannot_be_captured_are_refused():
         with attach_dreamblend(unet, AttentionStore()):
             pass
     assert isinstance(unet.attn_processors[name], AttnAddedKVProcessor)  # untouched
+
+
+def test_learned_token_files_load_or_are_refused_clearly(tmp_path):
+    """A folder with a learned token: loaded for SD (G and E share it), refused for SDXL's two encoders."""
+    folder = tmp_path / "ti"
+    tiny_sd_components(1)["unet"].save_pretrained(folder / "unet")
+    vector = torch.randn(32, generator=gen(0))
+    save_file({"<sks>": vector}, folder / "learned_embeds.safetensors")
+    pipe = blend_pipe()
+    assert prepare_models(pipe, ModelSpec(str(folder)), ModelSpec()) == {
+        "guidance_adapter": None,
+        "edit_adapter": None,
+    }
+    token_id = pipe.tokenizer.convert_tokens_to_ids("<sks>")
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id], vector)
+
+    with pytest.raises(ValueError, match="SDXL has two text encoders"):
+        prepare_models(blend_xl_pipe(), ModelSpec(str(folder)), ModelSpec())
+    save_file({"<sks>": torch.zeros(32, dtype=torch.int64)}, folder / "learned_embeds.safetensors")
+    with pytest.raises(ValueError, match="is not a learned-token file"):
+        prepare_models(blend_pipe(), ModelSpec(str(folder)), ModelSpec())

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from PIL import Image
 from safetensors.torch import load_file
 
 from dreamblend import AttentionStore, attach
+from dreamblend.checkpoints import ModelSpec, load_dreamblend
 from dreamblend.cli import main
 from dreamblend.ops import available_backends
-from dreamblend.testing import tiny_sd_pipeline, token_index
+from dreamblend.testing import save_tiny_pipeline, tiny_sd_pipeline, token_index
 from dreamblend.training import (
     AttnDreamBoothConfig,
     TrainingInputError,
@@ -210,6 +214,80 @@ def test_checkpoints_load_with_their_token(sd_dir, two_dogs, tmp_path):
         assert not _unet_diff(expected, pipe.unet)
         image = pipe("a photo of a <sks> dog", num_inference_steps=2, output_type="np").images
         assert image.shape == (1, 32, 32, 3)
+
+
+def test_trajectory_points_are_guidance_and_edit_models_with_their_tokens(sd_dir, two_dogs, tmp_path):
+    """A stage-1 point (base UNet, early token) as G and a stage-3 point as E, from their folders as saved."""
+    out = tmp_path / "run"
+    train_attndreambooth(config(sd_dir, two_dogs, out, steps=(2, 1, 1), save_at="1,4"))
+    first, last = read_trajectory(out)  # the token trains on in stage 1 after the first point
+    first_vector, last_vector = (load_file(info.embedding)["<sks>"] for info in (first, last))
+    assert not torch.equal(first_vector, last_vector)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is skipped or mismatched
+        pipe, kwargs = load_dreamblend(sd_dir, ModelSpec(str(first.path)), ModelSpec(str(last.path)))
+    assert not _unet_diff(UNet2DConditionModel.from_pretrained(last.unet), pipe.unet)
+    assert not _unet_diff(UNet2DConditionModel.from_pretrained(sd_dir / "unet"), pipe.guidance_unet)
+    token_id = pipe.tokenizer.convert_tokens_to_ids("<sks>")
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id], last_vector)
+    assert torch.equal(kwargs.pop("guidance_token_embeddings")["<sks>"], first_vector)
+    assert kwargs == {"guidance_adapter": None, "edit_adapter": None}
+
+    # G's reference image is the stage-1 checkpoint sampled on its own, E's (alpha = 0) the stage-3 one.
+    prompt, call = "a photo of a <sks> dog", {"num_inference_steps": 2, "output_type": "np"}
+    own = {"guidance_token_embeddings": {"<sks>": first_vector}}
+    blended = pipe(
+        prompt, cross_attention_guidance_scale=0.0, generator=torch.Generator().manual_seed(0),
+        return_reference=True, guidance_scale=3.0, **own, **call,
+    )  # fmt: skip
+    for info, images in ((first, blended.reference_images), (last, blended.images)):
+        alone = load_checkpoint(info.path)
+        alone.scheduler = pipe.scheduler
+        expected = alone(
+            prompt, generator=torch.Generator().manual_seed(0), guidance_scale=3.0, **call
+        ).images
+        np.testing.assert_allclose(images, expected, atol=1e-6)
+
+    # The CLI takes the folders as they are: `generate` and a `batch` whose pair names them.
+    expected = pipe(
+        prompt, cross_attention_guidance_scale=0.5, generator=torch.Generator().manual_seed(3), **own,
+        num_inference_steps=2, guidance_scale=3.0,
+    ).images[0]  # fmt: skip
+    image = tmp_path / "generate.png"
+    roles = ["--model", str(sd_dir), "--guidance-model", str(first.path), "--edit-model", str(last.path)]
+    assert (
+        main(
+            ["generate", prompt, *roles, "--steps", "2", "--alpha", "0.5", "--seed", "3", "--out", str(image)]
+        )
+        == 0
+    )
+    jobs = {
+        "model": str(sd_dir),
+        "output_dir": "batch",
+        "prompts": [prompt],
+        "seeds": [3],
+        "pairs": [{"guidance": "run/checkpoint-1", "edit": "run/checkpoint-4"}],
+        "alpha": 0.5,
+        "cfg": 3.0,
+        "steps": 2,
+    }
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    assert main(["batch", str(tmp_path / "jobs.json"), "--no-progress"]) == 0
+    (record,) = (
+        json.loads(line) for line in (tmp_path / "batch" / "manifest.jsonl").read_text().splitlines()
+    )
+    for path in (image, tmp_path / "batch" / record["file"]):
+        pixels = np.asarray(Image.open(path), dtype=np.int16)
+        assert np.abs(pixels - np.asarray(expected, dtype=np.int16)).max() <= 1
+
+    # Same-stage points share one vector: nothing to pass per role.
+    _, kwargs = load_dreamblend(sd_dir, ModelSpec(str(last.path)), ModelSpec(str(last.path)))
+    assert "guidance_token_embeddings" not in kwargs
+    other = save_tiny_pipeline(tiny_sd_pipeline(1), tmp_path / "other_base")
+    with pytest.warns(UserWarning, match="was trained from") as caught:
+        load_dreamblend(other, ModelSpec(str(first.path)), ModelSpec(str(last.path)))
+    assert sorted(str(w.message).split()[1] for w in caught) == ["edit", "guidance"]
 
 
 def test_resume_across_a_stage_boundary_reproduces_the_run(sd_dir, two_dogs, tmp_path):

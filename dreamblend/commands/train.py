@@ -61,7 +61,7 @@ def _add_common(parser: argparse.ArgumentParser, token: str, batch_size: int) ->
     opt.add_argument(
         "--mixed-precision",
         choices=("no", "fp16", "bf16"),
-        help="autocast dtype (default: accelerate's, else no)",
+        help="autocast dtype; fp16 needs a GPU (default: accelerate's, else no)",
     )
     opt.add_argument(
         "--gradient-checkpointing", action="store_true", default=None, help="trade compute for memory"

@@ -304,6 +304,12 @@ class Trainer(ABC):
         list_images(cfg.instance_dir, flag="--instance-dir")
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
         self.device = self.accelerator.device
+        if self.accelerator.mixed_precision == "fp16" and self.device.type == "cpu":
+            # accelerate leaves fp16 autocast off on CPU: the run would be silently fp32 (or fail for LoRA)
+            raise TrainingInputError(
+                "fp16 mixed precision needs a GPU (accelerate does not autocast fp16 on CPU); "
+                "use --mixed-precision bf16 or no on CPU"
+            )
         start_step, state = self._open_output_dir()
         torch.manual_seed(cfg.seed)
         try:

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
@@ -199,6 +200,27 @@ def test_gradient_checkpointing_gives_the_same_run(sd_dir, two_dogs, tmp_path):
     plain, checkpointed = (UNet2DConditionModel.from_pretrained(r.unet) for r in runs)
     assert not _unet_diff(plain, checkpointed)
     assert torch.equal(*(load_file(r.embedding)["<sks>"] for r in runs))
+
+
+def test_bf16_mixed_precision_keeps_the_run_close_to_float32(sd_dir, two_dogs, tmp_path):
+    """Autocast reaches the UNet and the regularizer's capture op; the trained token stays float32."""
+    runs = {}
+    for precision in ("no", "bf16"):
+        AcceleratorState._reset_state(reset_partial_state=True)  # one precision per accelerate state
+        out = tmp_path / precision
+        train_attndreambooth(
+            config(sd_dir, two_dogs, out, steps=(1, 1, 1), save_at="3", mixed_precision=precision)
+        )
+        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        runs[precision] = (
+            [r["loss"] for r in log if "loss" in r],
+            load_file(read_trajectory(out)[0].embedding),
+        )
+    (losses, token), (bf16_losses, bf16_token) = runs["no"], runs["bf16"]
+    assert bf16_losses != losses
+    np.testing.assert_allclose(bf16_losses, losses, rtol=1e-2)
+    assert bf16_token["<sks>"].dtype == torch.float32
+    torch.testing.assert_close(bf16_token["<sks>"], token["<sks>"], rtol=0.05, atol=1e-3)
 
 
 def test_checkpoints_load_with_their_token(sd_dir, two_dogs, tmp_path):

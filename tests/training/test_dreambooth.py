@@ -8,9 +8,12 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
 
 from dreamblend.cli import main
 from dreamblend.testing import tiny_sd_components, tiny_sdxl_components
@@ -251,6 +254,33 @@ def test_bad_input_is_reported_before_training(sd_dir, two_dogs, tmp_path, chang
     )
     with pytest.raises(TrainingInputError, match=message):
         train_dreambooth(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_bf16_mixed_precision_on_cpu_trains_in_bf16_and_saves_float32(sd_dir, two_dogs, tmp_path, mode):
+    runs = {}
+    for precision in ("no", "bf16"):
+        AcceleratorState._reset_state(reset_partial_state=True)  # one precision per accelerate state
+        out = tmp_path / precision
+        settings = dict(mode=mode, max_steps=3, save_at="3", learning_rate=1e-3, mixed_precision=precision)
+        train_dreambooth(config(sd_dir, two_dogs, out, **settings))
+        runs[precision] = ([r["loss"] for r in log_records(out) if "loss" in r], out / "checkpoint-3")
+    (losses, _), (bf16_losses, checkpoint) = runs["no"], runs["bf16"]
+    assert bf16_losses != losses  # autocast was on...
+    np.testing.assert_allclose(bf16_losses, losses, rtol=1e-2)  # ...and computed the same loss
+    files = (
+        [checkpoint / "unet" / "diffusion_pytorch_model.safetensors"]
+        if mode == "full"
+        else [checkpoint / "pytorch_lora_weights.safetensors"]
+    )
+    assert {v.dtype for v in load_file(files[0]).values()} == {torch.float32}  # master weights saved
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 on CPU only")
+def test_fp16_on_cpu_is_refused_not_silently_float32(sd_dir, two_dogs, tmp_path):
+    with pytest.raises(TrainingInputError, match="fp16 mixed precision needs a GPU"):
+        train_dreambooth(config(sd_dir, two_dogs, tmp_path / "run", mixed_precision="fp16"))
     assert not (tmp_path / "run").exists()
 
 

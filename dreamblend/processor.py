@@ -124,11 +124,15 @@ class DreamBlendProcessor:
                 f"layer {plan.name!r}: rows={plan.rows} selects no sample of a batch of {q.shape[0]}"
             )
         sel = (q[start:stop], k[start:stop], v[start:stop])
-        options = dict(scale=attn.scale, tokens=plan.tokens, head_mean=store.head_mean, backend=store.backend)
+        # The store validated and cached the token indices on this device: straight to the backend, so
+        # no per-layer check reads a device tensor back (a host sync on CUDA).
+        ops.check_qkv(*sel)
+        backend = ops.resolve_backend(store.backend, q)
         if plan.mode == "record":
-            out, result = ops.capture_attention(*sel, **options)
+            out, result = backend.capture_attention(*sel, attn.scale, plan.tokens, store.head_mean)
         else:
-            out, result = ops.guided_attention(*sel, store.check_ref(plan, sel[0], k.shape[2]), **options)
+            ref = store.check_ref(plan, sel[0], k.shape[2])
+            out, result = backend.guided_attention(*sel, ref, attn.scale, plan.tokens, store.head_mean)
         store.put(plan, result)
         if (start, stop) == (0, q.shape[0]):
             return out

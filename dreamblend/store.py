@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from dreamblend.ops import BACKENDS, TokenSpec, map_shape, normalize_tokens
+from dreamblend.ops.reference import compute_dtype
 
 LayerSpec = str | int
 CROSS_ATTENTION_EXAMPLE = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
@@ -276,7 +277,7 @@ class AttentionStore:
         return LayerPlan(name, self.mode, tokens, ref, self._rows, write=not in_backward_pass())
 
     def check_ref(self, plan: LayerPlan, q: Tensor, num_keys: int) -> Tensor:
-        """The plan's reference map on q's device, with a layer-named error if its shape is wrong."""
+        """The plan's reference map on q's device in the compute dtype; a layer-named error if misshapen."""
         n_tok = num_keys if plan.tokens is None else plan.tokens.numel()
         expected = map_shape(q, n_tok, self.head_mean)
         ref = plan.ref
@@ -286,7 +287,7 @@ class AttentionStore:
                 f"({'head-mean' if self.head_mean else 'per-head'}, batch {q.shape[0]}, {n_tok} tokens); "
                 "record the reference with the same batch size, tokens and head_mean"
             )
-        return ref.to(device=q.device)
+        return ref.to(device=q.device, dtype=compute_dtype(q))
 
     def put(self, plan: LayerPlan, value: Tensor) -> None:
         if not plan.write:

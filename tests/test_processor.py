@@ -219,6 +219,48 @@ def test_latent_gradient_equals_fp64_eager_autograd(unet):
     torch.testing.assert_close(grad, grad_e, rtol=1e-8, atol=1e-10)
 
 
+def test_token_indices_are_checked_once_per_store_not_per_layer(monkeypatch):
+    """Per-layer validation of device token indices would read them back: one host sync per layer on CUDA."""
+    import dreamblend.ops
+    import dreamblend.store
+
+    unet = sd_unet()
+    x, t, c, kw = unet_inputs(unet)
+    store = AttentionStore(tokens=[1, -2])
+    calls = []
+    for module in (dreamblend.ops, dreamblend.store):
+        real = module.normalize_tokens
+        monkeypatch.setattr(module, "normalize_tokens", lambda *a, real=real: calls.append(a) or real(*a))
+    with attach(unet, store):
+        for _ in range(2):
+            with torch.no_grad(), store.record():
+                unet(x, t, c, **kw)
+            guided_latent_grad(unet, x, t, c, kw, dict(store.maps), store)
+    assert len(store.maps) == len(cross_layers(unet)) > 1
+    assert [a[1:] for a in calls] == [(7, torch.device("cpu"))]  # N = 7 text tokens, on the CPU
+
+
+@pytest.mark.gpu
+def test_guided_step_does_not_sync_the_host():
+    """Recording and guiding on CUDA queue work only: no device-to-host read anywhere in the processor."""
+    unet = sd_unet().cuda()
+    x, t, c, kw = (v.cuda() if isinstance(v, torch.Tensor) else v for v in unet_inputs(unet))
+    store = AttentionStore(tokens=[1, 2])
+    with attach(unet, store):
+        for sync_mode in ("default", "error"):  # the first pass warms caches (token indices on the device)
+            torch.cuda.set_sync_debug_mode(sync_mode)
+            try:
+                with torch.no_grad(), store.record():
+                    unet(x, t, c, **kw)
+                x_in = x.clone().requires_grad_()
+                with store.guide(dict(store.maps)):
+                    unet(x_in, t, c, **kw)
+                    store.loss.sum().backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(x_in.grad).all()
+
+
 def test_float32_guidance_matches_fp64_eager():
     unet = sd_unet()
     x, t, c, kw = unet_inputs(unet)

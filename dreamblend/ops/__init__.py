@@ -97,7 +97,8 @@ def resolved_backend_name(backend: str, device: torch.device | Tensor) -> str:
     return next(name for name, loaded in _BACKENDS.items() if loaded is module)
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Shapes and dtypes the backends accept (host-side checks only)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"expected q (B, H, M, D) and k, v (B, H, N, D); got q{tuple(q.shape)}, "
@@ -137,7 +138,7 @@ def map_shape(q: Tensor, n_tokens: int, head_mean: bool) -> tuple[int, ...]:
 
 
 def _prepare(q, k, v, scale, tokens):
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return scale, normalize_tokens(tokens, k.shape[2], q.device)
 

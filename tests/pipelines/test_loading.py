@@ -52,7 +52,18 @@ def test_from_pretrained_from_pipe_and_save(tmp_path):
     assert blend.unet is stock.unet and blend.vae is stock.vae and blend.guidance_unet is guidance.unet
     back = StableDiffusionPipeline.from_pipe(blend)
     assert type(back) is StableDiffusionPipeline and back.unet is stock.unet
-    assert DreamBlendPipeline.model_cpu_offload_seq.split("->").index("guidance_unet") >= 0
+
+
+def test_model_cpu_offload_moves_g_and_e_through_the_hooks():
+    """The offload hooks chain G's UNet too (on CPU they only exercise the bookkeeping, images equal)."""
+    pipe = blend_pipe()
+    call = sd_kwargs(cross_attention_guidance_scale=1.0, return_reference=True)
+    expected = pipe(PROMPT, generator=gen(), **call)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert hasattr(pipe.guidance_unet, "_hf_hook")
+    out = pipe(PROMPT, generator=gen(), **call)
+    np.testing.assert_array_equal(out.images, expected.images)
+    np.testing.assert_array_equal(out.reference_images, expected.reference_images)
 
 
 # ------------------------------------------------------------------------------------- Custom Diffusion

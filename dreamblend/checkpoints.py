@@ -189,12 +189,12 @@ class RoleCheckpoint:
     """What one role's ``ModelSpec.model`` resolves to.
 
     ``kind``: "diffusers" (``where`` is a folder or hub id), "lora" or "custom_diffusion" (``where`` is
-    the file), or None for the base model; ``embedding``: a learned-token file that goes with it.
+    the file), or None for the base model; ``embeddings``: the learned-token files that go with it.
     """
 
     kind: str | None
     where: str | None = None
-    embedding: Path | None = None
+    embeddings: tuple[Path, ...] = ()
     base_model: str | None = None
 
 
@@ -211,10 +211,37 @@ def resolve_checkpoint(model: PathLike, *, allow_pickle: bool = False) -> RoleCh
             kind, where = "lora", str(info.lora)
         else:
             kind, where = None, None  # e.g. AttnDreamBooth stage 1: the token only
-        return RoleCheckpoint(kind, where, info.embedding, info.base_model)
+        return RoleCheckpoint(kind, where, tuple(filter(None, [info.embedding])), info.base_model)
     kind, where = checkpoint_kind(model, allow_pickle=allow_pickle)
-    embedding = path / EMBEDDING_FILE if (path / EMBEDDING_FILE).is_file() else None
-    return RoleCheckpoint(kind, where, embedding)
+    embeddings = [path / EMBEDDING_FILE] if (path / EMBEDDING_FILE).is_file() else []
+    if kind == "custom_diffusion":
+        embeddings += modifier_token_files(Path(where).parent, allow_pickle=allow_pickle)
+    return RoleCheckpoint(kind, where, tuple(embeddings))
+
+
+def modifier_token_files(folder: Path, *, allow_pickle: bool = False) -> list[Path]:
+    """Custom Diffusion's learned tokens beside its weights: ``<new1>.safetensors`` holding ``{"<new1>": v}``.
+
+    A file counts when its one key is its own name (diffusers' training script writes them so); a
+    pickled one (``<new1>.bin``) without a safetensors twin is refused unless allowed, never skipped.
+    """
+    files = []
+    for file in sorted(folder.iterdir()):
+        if file.suffix == ".safetensors":
+            with safetensors.safe_open(str(file), framework="pt") as f:
+                keys = list(f.keys())
+            if keys == [file.stem]:
+                files.append(file)
+        elif (
+            file.suffix in PICKLE_SUFFIXES
+            and file.stem.startswith("<")
+            and file.stem.endswith(">")
+            and not file.with_suffix(".safetensors").is_file()
+        ):
+            if not allow_pickle:
+                raise _pickle_refused(file)
+            files.append(file)
+    return files
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -317,8 +344,9 @@ def prepare_models(
     Full checkpoints replace the base UNet for their role; LoRA files become adapters named after the
     role; Custom Diffusion files install their processors on the base UNet (on a copy when the other
     role also uses the base). Without any guidance checkpoint G is the base model (adapters off).
-    ``dreamblend train`` checkpoint folders are read from their manifest, and their learned tokens go
-    into the text encoder (see :func:`load_token_embeddings`).
+    ``dreamblend train`` checkpoint folders are read from their manifest. Learned tokens (a
+    ``learned_embeds.safetensors``, or Custom Diffusion's modifier tokens beside its weights) go into
+    the text encoder (see :func:`load_token_embeddings`).
     """
     specs = {"guidance": guidance, "edit": edit}
     kinds: dict[str, str | None] = {}
@@ -333,8 +361,9 @@ def prepare_models(
             kinds[role] = resolved.kind
             if resolved.where is not None:
                 where[role] = resolved.where
-            if resolved.embedding is not None:
-                embeddings[role] = read_token_embeddings(resolved.embedding, allow_pickle=allow_pickle)
+            for file in resolved.embeddings:
+                tokens = read_token_embeddings(file, allow_pickle=allow_pickle)
+                embeddings[role] = {**embeddings.get(role, {}), **tokens}
         if kinds[role] == "lora":
             if adapters[role]:
                 raise ValueError(

@@ -173,3 +173,32 @@ def test_learned_token_files_load_or_are_refused_clearly(tmp_path):
     save_file({"<sks>": torch.zeros(32, dtype=torch.int64)}, folder / "learned_embeds.safetensors")
     with pytest.raises(ValueError, match="is not a learned-token file"):
         prepare_models(blend_pipe(), ModelSpec(str(folder)), ModelSpec())
+
+
+def test_custom_diffusion_modifier_tokens_load_with_their_weights(tmp_path):
+    """diffusers' Custom Diffusion output: weights plus ``<new1>.safetensors``; G's own vector kept apart."""
+    vectors = {}
+    for role, seed in (("guidance", 1), ("edit", 2)):
+        folder = tmp_path / role
+        custom_diffusion_unet(train_q_out=False).save_attn_procs(folder)
+        vectors[role] = torch.randn(32, generator=gen(seed))
+        save_file({"<new1>": vectors[role]}, folder / "<new1>.safetensors")
+    weights = "pytorch_custom_diffusion_weights.safetensors"
+    pipe = blend_pipe()
+    kwargs = prepare_models(
+        pipe, ModelSpec(str(tmp_path / "guidance" / weights)), ModelSpec(str(tmp_path / "edit"))
+    )
+    token_id = pipe.tokenizer.convert_tokens_to_ids("<new1>")
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id], vectors["edit"])
+    assert torch.equal(kwargs["guidance_token_embeddings"]["<new1>"], vectors["guidance"])
+    images = pipe("a <new1> dog", generator=gen(), **kwargs, **sd_kwargs()).images
+    assert np.isfinite(images).all()
+
+    # A pickled token file is refused like any pickle, not skipped (the prompt would silently change).
+    (tmp_path / "edit" / "<new1>.safetensors").unlink()
+    torch.save({"<new1>": vectors["edit"]}, tmp_path / "edit" / "<new1>.bin")
+    with pytest.raises(ValueError, match="<new1>.bin is a pickle file"):
+        prepare_models(blend_pipe(), ModelSpec(), ModelSpec(str(tmp_path / "edit")))
+    pipe = blend_pipe()
+    prepare_models(pipe, ModelSpec(), ModelSpec(str(tmp_path / "edit")), allow_pickle=True)
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[-1], vectors["edit"])

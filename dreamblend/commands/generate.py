@@ -17,8 +17,9 @@ EPILOG = """\
 Models: --model is the base pipeline (diffusers folder or hub id). --guidance-model/--edit-model take
 a full checkpoint (diffusers folder with unet/), a LoRA file or a Custom Diffusion file (.safetensors,
 or a folder holding one, its <token>.safetensors modifier tokens included), or a checkpoint folder
-written by 'dreamblend train' (OUT/checkpoint-STEP, its learned token included); --guidance-adapter/--edit-adapter take LoRA files. A role left out uses
-the base model. Pickle files (.bin/.ckpt/.pt) need --allow-pickle.
+written by 'dreamblend train' (OUT/checkpoint-STEP, its learned token included);
+--guidance-adapter/--edit-adapter take LoRA files. A role left out uses the base model. Pickle files
+(.bin/.ckpt/.pt) need --allow-pickle.
 """
 
 

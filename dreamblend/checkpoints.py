@@ -211,7 +211,8 @@ def resolve_checkpoint(model: PathLike, *, allow_pickle: bool = False) -> RoleCh
             kind, where = "lora", str(info.lora)
         else:
             kind, where = None, None  # e.g. AttnDreamBooth stage 1: the token only
-        return RoleCheckpoint(kind, where, tuple(filter(None, [info.embedding])), info.base_model)
+        embeddings = () if info.embedding is None else (info.embedding,)
+        return RoleCheckpoint(kind, where, embeddings, info.base_model)
     kind, where = checkpoint_kind(model, allow_pickle=allow_pickle)
     embeddings = [path / EMBEDDING_FILE] if (path / EMBEDDING_FILE).is_file() else []
     if kind == "custom_diffusion":

@@ -450,7 +450,7 @@ class DreamBlendSampler:
         guidance_step_kwargs: Mapping[str, Any],
     ) -> None:
         self.pair, self.store, self.cond, self.alpha = pair, store, cond, alpha
-        self.guidance_cond = guidance_cond or cond
+        self.guidance_cond = cond if guidance_cond is None else guidance_cond
         self.guided_steps = guided_steps if alpha > 0 else frozenset()
         # G runs only as far as E needs references, unless its image is wanted too.
         self.guidance_until = num_steps if return_reference else max(self.guided_steps, default=-1) + 1

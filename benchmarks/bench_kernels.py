@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dreamblend import kernels
+from dreamblend.kernels import backend as kernels
 from dreamblend.ops import reference
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels.jsonl"

@@ -82,8 +82,9 @@ class HookedMaps:
         return batch_first if self._rows is None else batch_first[self._rows]
 
     def _take(self, name: str, probs: Tensor) -> None:
-        """Store ``probs`` ``(B, H, M, N)`` as a float32 map, or its L1 distance to the reference."""
-        probs = probs.float()
+        """Store ``probs`` ``(B, H, M, N)`` as a float32 map (float64 kept, as the ops keep it), or its
+        L1 distance to the reference."""
+        probs = probs.to(torch.promote_types(probs.dtype, torch.float32))
         if self.mode == "record":
             self.maps[name] = probs.detach()
         else:

@@ -7,6 +7,7 @@ for diffusers UNets), :func:`attach`, the op API in :mod:`dreamblend.ops`, and t
 
 from typing import Any
 
+from dreamblend import quiet
 from dreamblend.processor import DreamBlendProcessor, attach
 from dreamblend.store import AttentionStore
 
@@ -19,6 +20,7 @@ __all__ = [
     "attach",
 ]
 __version__ = "0.1.0"
+quiet.install()
 
 _PIPELINES = ("DreamBlendPipeline", "DreamBlendPipelineOutput", "DreamBlendXLPipeline")
 

@@ -23,6 +23,7 @@ from diffusers.utils import deprecation_utils
 from torch import Tensor
 
 from dreamblend.custom_diffusion import is_custom_diffusion_state_dict, load_custom_diffusion
+from dreamblend.hub import hub_errors
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 PathLike = str | os.PathLike
@@ -147,12 +148,13 @@ def load_unet(
     else:
         _check_hub_id(spec)
         subfolder = "unet"  # a hub id of a full pipeline
-    return UNet2DConditionModel.from_pretrained(
-        str(spec),
-        subfolder=subfolder,
-        use_safetensors=None if allow_pickle else True,
-        **{_DTYPE_KEY: torch_dtype},
-    )
+    with hub_errors(spec):
+        return UNet2DConditionModel.from_pretrained(
+            str(spec),
+            subfolder=subfolder,
+            use_safetensors=None if allow_pickle else True,
+            **{_DTYPE_KEY: torch_dtype},
+        )
 
 
 def pipeline_class(model: PathLike) -> type[DiffusionPipeline]:
@@ -167,7 +169,8 @@ def pipeline_class(model: PathLike) -> type[DiffusionPipeline]:
         config = json.loads(index.read_text())
     else:
         _check_hub_id(model)
-        config = DiffusionPipeline.load_config(str(model))
+        with hub_errors(model):
+            config = DiffusionPipeline.load_config(str(model))
     return DreamBlendXLPipeline if "text_encoder_2" in config else DreamBlendPipeline
 
 
@@ -179,9 +182,10 @@ def load_pipeline(
     _check_no_pickle_only(Path(model), allow_pickle)
     if cls.__name__ == "DreamBlendXLPipeline":
         kwargs.setdefault("add_watermarker", False)
-    return cls.from_pretrained(
-        str(model), use_safetensors=None if allow_pickle else True, **{_DTYPE_KEY: torch_dtype}, **kwargs
-    )
+    with hub_errors(model):
+        return cls.from_pretrained(
+            str(model), use_safetensors=None if allow_pickle else True, **{_DTYPE_KEY: torch_dtype}, **kwargs
+        )
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,13 @@ import argparse
 import importlib
 import sys
 
+from dreamblend.commands import help_text
+
 COMMANDS = ("demo", "generate", "batch", "train", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dreamblend", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dreamblend", description=help_text(__doc__.splitlines()[0]))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"dreamblend.commands.{name}").register(sub)

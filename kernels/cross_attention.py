@@ -15,6 +15,7 @@ parts; the launchers in ``launch.py`` choose them.
 
 import triton
 import triton.language as tl
+
 from dreamblend.kernels.config import MapGrad
 
 GRAD_NONE = tl.constexpr(int(MapGrad.NONE))

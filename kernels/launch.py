@@ -11,6 +11,10 @@ import math
 
 import torch
 import triton
+from torch import Tensor
+from torch.library import wrap_triton
+from triton.runtime.jit import JITFunction
+
 from dreamblend.kernels.config import (
     BackwardFlags,
     ForwardFlags,
@@ -20,9 +24,6 @@ from dreamblend.kernels.config import (
     select_config,
 )
 from dreamblend.kernels.cross_attention import attention_bwd_kernel, attention_fwd_kernel
-from torch import Tensor
-from torch.library import wrap_triton
-from triton.runtime.jit import JITFunction
 
 INTERPRETED = not isinstance(attention_fwd_kernel, JITFunction)
 """True when this process runs the kernels in Triton's interpreter (TRITON_INTERPRET=1 at import)."""

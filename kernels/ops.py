@@ -7,11 +7,11 @@ backward recomputes the probabilities from q and k, so autograd keeps only the i
 """
 
 import torch
-from dreamblend.kernels.config import supports
-from dreamblend.kernels.launch import attention_backward, attention_forward
 from torch import Tensor
 from torch.library import triton_op
 
+from dreamblend.kernels.config import supports
+from dreamblend.kernels.launch import attention_backward, attention_forward
 from dreamblend.ops.autograd import register_attention_autograd
 
 

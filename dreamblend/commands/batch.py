@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from dreamblend.commands import help_text
 from dreamblend.commands.generate import (
     CommandError,
     add_runtime_arguments,
@@ -65,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "batch",
         help="resumable batch generation over prompts, seeds, checkpoint pairs and alpha/CFG grids",
-        description=__doc__.splitlines()[0],
+        description=help_text(__doc__.splitlines()[0]),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

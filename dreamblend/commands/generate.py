@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dreamblend.commands import help_text
+
 EPILOG = """\
 Models: --model is the base pipeline (diffusers folder or hub id). --guidance-model/--edit-model take
 a full checkpoint (diffusers folder with unet/), a LoRA file or a Custom Diffusion file (.safetensors,
@@ -45,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate",
         help="generate images for one prompt with a guidance/edit checkpoint pair",
-        description=__doc__.splitlines()[0],
+        description=help_text(__doc__.splitlines()[0]),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from dreamblend.commands import help_text
+
 EPILOG = """\
 Output: OUT/checkpoint-STEP/ (a diffusers unet/ folder, pytorch_lora_weights.safetensors, and/or
 learned_embeds.safetensors, with checkpoint.json), OUT/trajectory.json listing them,
@@ -85,7 +87,9 @@ def _add_common(parser: argparse.ArgumentParser, token: str, batch_size: int) ->
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "train", help="fine-tune a checkpoint trajectory (DreamBooth, AttnDreamBooth)", description=__doc__
+        "train",
+        help="fine-tune a checkpoint trajectory (DreamBooth, AttnDreamBooth)",
+        description=help_text(__doc__),
     )
     methods = parser.add_subparsers(dest="method", metavar="METHOD", required=True)
 

@@ -4,7 +4,7 @@ Shapes follow DESIGN §2: ``q (B, H, M, D)``, ``k, v (B, H, N, D)``. Maps are fl
 ``(B, H, M, T)`` or head-mean ``(B, M, T)`` for ``T`` selected tokens (all ``N`` by default).
 Three backends implement the same contract and are chosen per call:
 
-- ``"triton"``: fused kernels (``dreamblend.kernels``); CUDA tensors, or CPU under TRITON_INTERPRET=1;
+- ``"triton"``: fused kernels (``dreamblend.kernels.backend``); CUDA tensors, or CPU under TRITON_INTERPRET=1;
 - ``"cpp"``: the C++ CPU extension, when it was built;
 - ``"torch"``: the reference, always available.
 
@@ -52,7 +52,7 @@ def _import_backend(module_name: str) -> ModuleType | Exception:
 # plain lookups, and TRITON_INTERPRET is read by triton at import time anyway.
 _BACKENDS: dict[str, ModuleType | Exception] = {
     "torch": reference,
-    "triton": _import_backend("dreamblend.kernels"),
+    "triton": _import_backend("dreamblend.kernels.backend"),
     "cpp": _import_backend("dreamblend.ops.cpp"),
 }
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dreamblend.hub import ModelUnavailableError, hub_errors
 from dreamblend.training.data import (
     LatentBank,
     derive_seed,
@@ -232,7 +233,10 @@ class Trainer(ABC):
 
         cfg = self.config
         try:
-            self.pipe = DiffusionPipeline.from_pretrained(cfg.pretrained_model)
+            with hub_errors(cfg.pretrained_model):
+                self.pipe = DiffusionPipeline.from_pretrained(cfg.pretrained_model)
+        except ModelUnavailableError as exc:
+            raise TrainingInputError(str(exc)) from None
         except (OSError, ValueError) as exc:
             raise TrainingInputError(
                 f"cannot load the base model {cfg.pretrained_model!r} ({exc}); pass --model a local "

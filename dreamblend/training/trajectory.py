@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from dreamblend.hub import hub_errors
+
 TRAJECTORY_FILE = "trajectory.json"
 MANIFEST_FILE = "checkpoint.json"
 TRAJECTORY_FORMAT = 1
@@ -115,7 +117,10 @@ def load_checkpoint(path: str | Path, pipe=None, *, torch_dtype: torch.dtype | N
         unet = UNet2DConditionModel.from_pretrained(info.unet, torch_dtype=torch_dtype)
     if pipe is None:
         extra = {} if unet is None else {"unet": unet}
-        pipe = DiffusionPipeline.from_pretrained(info.base_model, torch_dtype=torch_dtype, **extra, **kwargs)
+        with hub_errors(info.base_model):
+            pipe = DiffusionPipeline.from_pretrained(
+                info.base_model, torch_dtype=torch_dtype, **extra, **kwargs
+            )
     elif unet is not None:
         pipe.register_modules(unet=unet.to(device=pipe.device, dtype=pipe.unet.dtype))
     if info.lora is not None:

@@ -37,9 +37,10 @@ def signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
 
 def compile_job(job: dict) -> dict:
     import triton
-    from dreamblend.kernels import cross_attention
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    from dreamblend.kernels import cross_attention
 
     fn = getattr(cross_attention, job["kernel"])
     types = signature(fn, job["dtype"], job["constexprs"])

@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import dreamblend.kernels as kernels
 import torch
 from torch import Tensor
 
+from dreamblend.kernels import backend as kernels
 from dreamblend.ops import reference
 
 # max |kernel - reference| <= TOL * max(|reference|, 1): fp32 runs IEEE dots (exact in the

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import triton
+
 from dreamblend.kernels.config import (
     BackwardFlags,
     ForwardFlags,

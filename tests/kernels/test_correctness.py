@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import itertools
 
-import dreamblend.kernels as kernels
 import pytest
 import torch
 from kernel_cases import Case, assert_close, check_case
 
+from dreamblend.kernels import backend as kernels
 from dreamblend.ops import reference
 
 F32, F16 = torch.float32, torch.float16

@@ -4,13 +4,13 @@ correctness suite in test_correctness.py runs compiled on a GPU as well."""
 
 from __future__ import annotations
 
-import dreamblend.kernels as kernels
 import pytest
 import torch
-from dreamblend.kernels import config
 from kernel_cases import Case, assert_close, check_case
 from torch import nn
 
+from dreamblend.kernels import backend as kernels
+from dreamblend.kernels import config
 from dreamblend.ops import reference
 
 pytestmark = pytest.mark.gpu

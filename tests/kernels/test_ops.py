@@ -3,13 +3,13 @@ plumbing (stride-0 and missing gradients), the multi-block dK/dV reduction, and 
 
 from __future__ import annotations
 
-import dreamblend.kernels as kernels
 import pytest
 import torch
-from dreamblend.kernels import config, launch
 from kernel_cases import Case, assert_close, check_case
 
 import dreamblend.ops as ops
+from dreamblend.kernels import backend as kernels
+from dreamblend.kernels import config, launch
 from dreamblend.ops import reference
 
 

@@ -220,7 +220,15 @@ def test_bf16_mixed_precision_keeps_the_run_close_to_float32(sd_dir, two_dogs, t
     assert bf16_losses != losses
     np.testing.assert_allclose(bf16_losses, losses, rtol=1e-2)
     assert bf16_token["<sks>"].dtype == torch.float32
-    torch.testing.assert_close(bf16_token["<sks>"], token["<sks>"], rtol=0.05, atol=1e-3)
+    # Adam moves each element by about +-lr per step whatever the gradient's size, so an element whose
+    # float32 gradient is within bf16 rounding of zero (which elements: CPU-dependent, oneDNN picks
+    # AVX2/AVX-512/AMX kernels) can step the other way: 2 * lr apart per step, never more. The rest
+    # agree closely; a broken bf16 gradient would flip far more than a few of the 32 elements.
+    drift = bf16_token["<sks>"] - token["<sks>"]
+    lrs = AttnDreamBoothConfig.learning_rates
+    assert drift.abs().max() <= 2 * sum(lrs) * 1.01
+    close = torch.isclose(bf16_token["<sks>"], token["<sks>"], rtol=0.05, atol=1e-4)
+    assert close.float().mean() >= 0.9, drift
 
 
 def test_checkpoints_load_with_their_token(sd_dir, two_dogs, tmp_path):

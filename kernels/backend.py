@@ -4,6 +4,11 @@
 ``dreamblend.ops`` (positional ``scale, tokens, head_mean``, tokens already an index tensor).
 CUDA tensors run compiled kernels; CPU tensors run the same kernels in Triton's interpreter
 (slow, for tests and debugging). Without triton, ``AVAILABLE`` is False and importing still works.
+
+``kernels/`` has no ``__init__.py`` on purpose: Python started in the repository root (pytest,
+``python -m``, ``python -c``) would otherwise import this folder as the top-level ``kernels``
+and shadow Hugging Face's ``kernels`` distribution, which transformers and diffusers import. As a
+namespace folder it only becomes ``dreamblend.kernels`` through the package mapping in setup.py.
 """
 
 try:

@@ -275,14 +275,17 @@ def test_float32_guidance_matches_fp64_eager():
 
 
 def test_per_sample_losses_are_independent_of_batch():
-    unet = sd_unet()
-    x, t, c, kw = unet_inputs(unet, batch=2)
+    # float64: in float32 the batch size changes which oneDNN/MKL blocking (per CPU) sums each dot
+    # product, which moves an L1 sign at a near-tie; float64 leaves only rounding at 1e-16.
+    unet = sd_unet().double()
+    x, t, c, kw = unet_inputs(unet, batch=2, dtype=torch.float64)
     ref = perturbed_ref(unet, x, t, c, kw)
     loss2, grad2 = guided_latent_grad(unet, x, t, c, kw, ref, AttentionStore())
     one = {k: v[:1] for k, v in ref.items()}
     loss1, grad1 = guided_latent_grad(unet, x[:1], t, c[:1], kw, one, AttentionStore())
-    torch.testing.assert_close(loss2[:1], loss1, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad2[:1], grad1, rtol=1e-4, atol=1e-6)
+    assert grad1.abs().max() > 0
+    torch.testing.assert_close(loss2[:1], loss1, rtol=1e-10, atol=0)
+    torch.testing.assert_close(grad2[:1], grad1, rtol=1e-9, atol=1e-12)
 
 
 def test_gradient_checkpointing_does_not_double_capture(unet):

@@ -7,6 +7,7 @@ a torch dataset for training a tiny text-to-image model on it.
 """
 
 from dreamblend.toyworld.backgrounds import render_background
+from dreamblend.toyworld.dataset import ToyWorldDataset, to_tensor
 from dreamblend.toyworld.scenes import (
     HELD_OUT_COMBINATIONS,
     RenderedImage,
@@ -20,6 +21,15 @@ from dreamblend.toyworld.scenes import (
     sample_scene,
 )
 from dreamblend.toyworld.shapes import COLOUR_RGB, PATTERNS, Pattern
+from dreamblend.toyworld.subjects import (
+    SUBJECTS,
+    Subject,
+    class_prompt,
+    evaluation_prompts,
+    get_subject,
+    instance_images,
+    subject_set,
+)
 from dreamblend.toyworld.vocab import (
     BACKGROUND_PHRASES,
     BACKGROUNDS,
@@ -40,6 +50,7 @@ __all__ = [
     "COLOUR_RGB",
     "HELD_OUT_COMBINATIONS",
     "PATTERNS",
+    "SUBJECTS",
     "SUBJECT_TOKEN",
     "VOCABULARY",
     "CaptionFacts",
@@ -47,13 +58,21 @@ __all__ = [
     "RenderedImage",
     "Sample",
     "Scene",
+    "Subject",
+    "ToyWorldDataset",
     "caption",
+    "class_prompt",
     "compose_caption",
+    "evaluation_prompts",
+    "get_subject",
     "held_out_combinations",
+    "instance_images",
     "make_sample",
     "parse_caption",
     "render",
     "render_background",
     "sample_pose",
     "sample_scene",
+    "subject_set",
+    "to_tensor",
 ]

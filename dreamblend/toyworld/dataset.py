@@ -1,0 +1,44 @@
+"""The base world as a torch Dataset for training the toy text-to-image model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dreamblend.toyworld.scenes import Sample, caption, make_sample, sample_scene
+
+__all__ = ["ToyWorldDataset", "to_tensor"]
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 to float32 CxHxW in [-1, 1], the range SD's VAE and UNet train on."""
+    return torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+class ToyWorldDataset(Dataset):
+    """`length` captioned base-world images; item `i` depends only on (seed, i), never on worker or order.
+
+    Held-out combinations never appear. Items are (image tensor, caption); `sample(i)` gives the same
+    item with its scene ground truth and mask.
+    """
+
+    def __init__(self, seed: int, length: int, size: int = 64) -> None:
+        self.seed = seed
+        self.length = length
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.length
+
+    def sample(self, index: int) -> Sample:
+        """Item `index` with its ground truth."""
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} items")
+        rng = np.random.default_rng([self.seed, index])
+        scene = sample_scene(rng)
+        return make_sample(scene, caption(scene, rng), self.size)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        sample = self.sample(index)
+        return to_tensor(sample.rendered.image), sample.caption

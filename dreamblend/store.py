@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from dreamblend.ops import BACKENDS, TokenSpec, map_shape, normalize_tokens
 from dreamblend.ops.reference import compute_dtype
+from dreamblend.tokens import TokenSelection, has_words, resolve_tokens, selection_items
 
 LayerSpec = str | int
 CROSS_ATTENTION_EXAMPLE = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
@@ -59,7 +60,10 @@ class AttentionStore:
     """Selects cross-attention layers/tokens and holds captured maps or guidance losses.
 
     Args:
-        tokens: token indices to capture (default: all ``N`` text tokens).
+        tokens: tokens to capture (default: all ``N`` text tokens): indices, or words of the prompt
+            (``["sks", "dog"]``, mixed with indices if wanted). Words become positions once
+            :meth:`resolve_words` has seen the tokenizer and prompt; the pipelines do that for
+            ``attention_tokens``.
         head_mean: capture the head-mean map ``(B, M, T)`` instead of per-head ``(B, H, M, T)``.
         layers: which cross-attention layers take part: ``None`` for all, or a sequence of glob
             patterns on layer names (a pattern without wildcards also matches as a dotted prefix,
@@ -74,7 +78,7 @@ class AttentionStore:
 
     def __init__(
         self,
-        tokens: TokenSpec = None,
+        tokens: TokenSpec | TokenSelection | str = None,
         head_mean: bool = False,
         layers: LayerSpec | Sequence[LayerSpec] | None = None,
         backend: str = "auto",
@@ -93,6 +97,9 @@ class AttentionStore:
                 raise TypeError(
                     f"layers entries must be name patterns (str) or resolutions (int >= 1); got {spec!r}"
                 )
+        self.words: tuple[int | str, ...] | None = None
+        if has_words(tokens):
+            self.words, tokens = selection_items(tokens), None
         normalize_tokens(tokens, 1 << 62, torch.device("cpu"))  # fail early on malformed token lists
         self.tokens = None if tokens is None else torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
         self.head_mean = head_mean
@@ -115,6 +122,17 @@ class AttentionStore:
         if not self.losses:
             return None
         return torch.stack(list(self.losses.values())).sum(dim=0)
+
+    def resolve_words(self, tokenizer, prompt: str | Sequence[str]) -> AttentionStore:
+        """Turn the words of ``tokens`` into their positions in ``prompt`` (index lists stay as they are).
+
+        A word in several pieces selects all of them; a batch of prompts must agree on the positions.
+        Returns the store.
+        """
+        if self.words is not None:
+            self.tokens = torch.as_tensor(resolve_tokens(tokenizer, prompt, self.words), dtype=torch.long)
+            self._token_cache.clear()
+        return self
 
     # ----------------------------------------------------------------- naming
     def bind(self, model: nn.Module) -> list[str]:
@@ -226,6 +244,11 @@ class AttentionStore:
     def _active(self, mode: str, rows: slice | None) -> Iterator[None]:
         if self.mode != "off":
             raise RuntimeError(f"store is already in {self.mode!r} mode; record() and guide() do not nest")
+        if self.words is not None and self.tokens is None:
+            raise ValueError(
+                f"tokens {list(self.words)} name words; turn them into positions first with "
+                "store.resolve_words(tokenizer, prompt) (the DreamBlend pipelines do this), or pass indices"
+            )
         if rows is not None and (not isinstance(rows, slice) or rows.step not in (None, 1)):
             raise TypeError(f"rows must be a contiguous slice of the batch, got {rows!r}")
         hook = None

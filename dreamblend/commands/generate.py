@@ -95,7 +95,12 @@ def add_guidance_arguments(group: Any) -> None:
     group.add_argument(
         "--layers", nargs="+", help="cross-attention layers: name globs or map sizes (e.g. 16)"
     )
-    group.add_argument("--tokens", nargs="+", type=int, help="token indices to guide (default all)")
+    group.add_argument(
+        "--tokens",
+        nargs="+",
+        type=parse_token,
+        help="tokens to guide: words of the prompt (e.g. sks dog) or token indices (default all)",
+    )
     group.add_argument("--head-mean", action="store_true", help="compare head-averaged maps")
     group.add_argument("--schedule", choices=("lockstep", "two_phase"), default="lockstep")
 
@@ -111,6 +116,14 @@ def parse_guidance_steps(text: str) -> tuple[float, float] | list[int]:
         raise argparse.ArgumentTypeError(
             f"expected a fraction range like 0:0.5 or step indices like 0,1,2, got {text!r}"
         ) from None
+
+
+def parse_token(text: str) -> int | str:
+    """An integer is a token index (0 is the start token); anything else is a word of the prompt."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def parse_layers(layers: list[str] | None) -> list[str | int] | None:

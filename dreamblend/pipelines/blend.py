@@ -27,10 +27,12 @@ from torch import Tensor
 
 from dreamblend.checkpoints import load_unet
 from dreamblend.custom_diffusion import attach_dreamblend
-from dreamblend.store import AttentionStore
+from dreamblend.store import AttentionStore, LayerSpec
+from dreamblend.tokens import TokenSelection
 
 AdapterSpec = str | Sequence[str] | Mapping[str, float] | None
 GuidanceSteps = tuple[float, float] | Sequence[int] | None
+AttentionCallback = Callable[[str, int, dict[str, Tensor]], None]
 SCHEDULES = ("lockstep", "two_phase")
 ROLES = ("guidance", "edit")
 # Paper defaults (DDIM 50, SD1.5): alpha 0.1 (with CFG 3.0) for the step-100 edit checkpoint, 0.07 (CFG 2.0)
@@ -432,6 +434,10 @@ class DreamBlendSampler:
 
     G and E get separate scheduler instances (multistep schedulers keep history) and separate copies
     of the generator, so ``lockstep`` and ``two_phase`` give identical images.
+
+    ``attention_callback(role, i, maps)`` receives the conditional branch's maps of every CFG step of
+    G ("guidance") and E ("edit"); G then runs every step. Recording routes those steps' attention
+    through the capture op, which equals plain attention within float tolerance.
     """
 
     def __init__(
@@ -448,12 +454,15 @@ class DreamBlendSampler:
         return_reference: bool,
         edit_step_kwargs: Mapping[str, Any],
         guidance_step_kwargs: Mapping[str, Any],
+        attention_callback: AttentionCallback | None = None,
     ) -> None:
         self.pair, self.store, self.cond, self.alpha = pair, store, cond, alpha
         self.guidance_cond = cond if guidance_cond is None else guidance_cond
         self.guided_steps = guided_steps if alpha > 0 else frozenset()
-        # G runs only as far as E needs references, unless its image is wanted too.
-        self.guidance_until = num_steps if return_reference else max(self.guided_steps, default=-1) + 1
+        self.attention_callback = attention_callback
+        # G runs only as far as E needs references, unless its image or maps are wanted too.
+        full = return_reference or attention_callback is not None
+        self.guidance_until = num_steps if full else max(self.guided_steps, default=-1) + 1
         self.edit_scheduler = scheduler
         self.guidance_scheduler = copy.deepcopy(scheduler)
         self.edit_step_kwargs = edit_step_kwargs
@@ -475,17 +484,29 @@ class DreamBlendSampler:
     def guidance_step(self, i: int, t: Tensor, latents: Tensor) -> tuple[Tensor, dict[str, Tensor] | None]:
         """G's CFG step; at guided steps its conditional maps come back as E's reference."""
         unet = self.pair.use("guidance")
-        store = self.store if i in self.guided_steps else None
-        return cfg_step(
+        guided = i in self.guided_steps
+        store = self.store if guided or self.attention_callback is not None else None
+        latents, maps = cfg_step(
             unet, self.guidance_scheduler, latents, t, self.guidance_cond, self.guidance_step_kwargs, store
         )
+        self._observe("guidance", i, maps)
+        return latents, maps if guided else None
 
     def edit_step(self, i: int, t: Tensor, latents: Tensor, ref: Mapping[str, Tensor] | None) -> Tensor:
         """E's step: the guidance update toward ``ref`` (if any), then E's CFG step at the new latent."""
         unet = self.pair.use("edit")
         if ref is not None:
             latents = self.guided_update(i, unet, latents, t, ref)
-        return cfg_step(unet, self.edit_scheduler, latents, t, self.cond, self.edit_step_kwargs)[0]
+        store = self.store if self.attention_callback is not None else None
+        latents, maps = cfg_step(
+            unet, self.edit_scheduler, latents, t, self.cond, self.edit_step_kwargs, store
+        )
+        self._observe("edit", i, maps)
+        return latents
+
+    def _observe(self, role: str, i: int, maps: dict[str, Tensor] | None) -> None:
+        if self.attention_callback is not None and maps is not None:
+            self.attention_callback(role, i, maps)
 
     def guided_update(
         self, i: int, unet: UNet2DConditionModel, latents: Tensor, t: Tensor, ref: Mapping[str, Tensor]
@@ -608,6 +629,26 @@ class DreamBlendMixin:
     def _vae_upcast(self) -> bool:
         return False
 
+    def _attention_store(
+        self,
+        prompt: str | Sequence[str] | None,
+        tokens: TokenSelection | None,
+        head_mean: bool,
+        layers: LayerSpec | Sequence[LayerSpec] | None,
+        backend: str,
+    ) -> AttentionStore:
+        """The call's store; words in ``attention_tokens`` become their positions in the prompt here."""
+        store = AttentionStore(tokens, head_mean, layers, backend)
+        if store.words is not None:
+            if prompt is None:
+                raise ValueError(
+                    f"attention_tokens {list(store.words)} name words, but no prompt text was given "
+                    "(prompt_embeds); pass the prompt, or token indices"
+                )
+            tokenizer = self.tokenizer if getattr(self, "tokenizer", None) is not None else self.tokenizer_2
+            store.resolve_words(tokenizer, prompt)
+        return store
+
     def _token_scope(self, embeddings: Mapping[str, Tensor] | None) -> AbstractContextManager:
         """Prompt encoding with ``embeddings`` in place of the text encoder's rows for those tokens."""
         if embeddings:
@@ -666,6 +707,7 @@ class DreamBlendMixin:
         return_reference: bool,
         callback_on_step_end: Any,
         callback_on_step_end_tensor_inputs: Any,
+        attention_callback: AttentionCallback | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Steps shared by the pipelines: the start latent, then G and E through Algorithm 1.
 
@@ -696,6 +738,7 @@ class DreamBlendMixin:
             return_reference=return_reference,
             edit_step_kwargs=self.prepare_extra_step_kwargs(generator, eta),
             guidance_step_kwargs=self.prepare_extra_step_kwargs(fork_generator(generator), eta),
+            attention_callback=attention_callback,
         )
         g_latents, refs = latents, {}
         phases = ("guidance", "edit") if schedule == "two_phase" else ("lockstep",)

@@ -16,6 +16,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from dreamblend.pipelines.blend import (
     AdapterSpec,
+    AttentionCallback,
     Conditioning,
     DreamBlendMixin,
     DreamBlendPipelineOutput,
@@ -24,7 +25,7 @@ from dreamblend.pipelines.blend import (
     resolve_alpha,
     vae_decode,
 )
-from dreamblend.store import AttentionStore, LayerSpec
+from dreamblend.store import LayerSpec
 from dreamblend.tokens import token_embeddings
 
 
@@ -124,7 +125,7 @@ class DreamBlendPipeline(DreamBlendMixin, StableDiffusionPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         guidance_steps: GuidanceSteps = None,
         attention_layers: LayerSpec | list[LayerSpec] | None = None,
-        attention_tokens: list[int] | None = None,
+        attention_tokens: list[int | str] | None = None,
         head_mean: bool = False,
         attention_backend: str = "auto",
         schedule: str = "lockstep",
@@ -137,6 +138,7 @@ class DreamBlendPipeline(DreamBlendMixin, StableDiffusionPipeline):
         clip_skip: int | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
+        attention_callback: AttentionCallback | None = None,
     ) -> DreamBlendPipelineOutput | tuple:
         """Generate with E under G's cross-attention guidance.
 
@@ -149,7 +151,8 @@ class DreamBlendPipeline(DreamBlendMixin, StableDiffusionPipeline):
                 of step indices; default all.
             attention_layers, attention_tokens, head_mean, attention_backend: what the guidance loss
                 compares, see :class:`dreamblend.AttentionStore` (default: every cross-attention layer,
-                all tokens, per head).
+                all tokens, per head). ``attention_tokens`` takes token indices or words of the prompt
+                (``["sks", "dog"]``; a word in several pieces selects all of them).
             schedule: "lockstep" (G and E advance together; one step of maps in memory) or "two_phase"
                 (all of G first, as in the paper). Both give the same images (pass a generator when
                 the scheduler draws noise, e.g. DDIM with ``eta > 0``).
@@ -162,6 +165,9 @@ class DreamBlendPipeline(DreamBlendMixin, StableDiffusionPipeline):
             return_reference: also decode G's image into ``reference_images``.
             callback_on_step_end: called after each of E's steps with E's ``latents`` (the only tensor
                 input), which it may replace.
+            attention_callback: ``f(role, step_index, maps)`` with the conditional branch's maps
+                ``{layer: map}`` of each CFG step of G (role "guidance") and E ("edit"), selected like the
+                guidance maps; G then runs all steps. For analysis (e.g. :mod:`dreamblend.analysis.maps`).
 
         Returns:
             :class:`DreamBlendPipelineOutput`, or ``(images, reference_images, nsfw_content_detected)``.
@@ -205,7 +211,9 @@ class DreamBlendPipeline(DreamBlendMixin, StableDiffusionPipeline):
         )
 
         # 2. G and E from one start latent through Algorithm 1
-        store = AttentionStore(attention_tokens, head_mean, attention_layers, attention_backend)
+        store = self._attention_store(
+            prompt, attention_tokens, head_mean, attention_layers, attention_backend
+        )
         latents, g_latents = self._blend(
             pair,
             cond,
@@ -223,6 +231,7 @@ class DreamBlendPipeline(DreamBlendMixin, StableDiffusionPipeline):
             return_reference=return_reference,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            attention_callback=attention_callback,
         )
 
         # 3. Decode E's image (and G's reference)

@@ -20,6 +20,7 @@ from transformers import (
 
 from dreamblend.pipelines.blend import (
     AdapterSpec,
+    AttentionCallback,
     Conditioning,
     DreamBlendMixin,
     DreamBlendPipelineOutput,
@@ -28,7 +29,7 @@ from dreamblend.pipelines.blend import (
     resolve_alpha,
     vae_decode,
 )
-from dreamblend.store import AttentionStore, LayerSpec
+from dreamblend.store import LayerSpec
 
 
 class DreamBlendXLPipeline(DreamBlendMixin, StableDiffusionXLPipeline):
@@ -142,7 +143,7 @@ class DreamBlendXLPipeline(DreamBlendMixin, StableDiffusionXLPipeline):
         latents: torch.Tensor | None = None,
         guidance_steps: GuidanceSteps = None,
         attention_layers: LayerSpec | list[LayerSpec] | None = None,
-        attention_tokens: list[int] | None = None,
+        attention_tokens: list[int | str] | None = None,
         head_mean: bool = False,
         attention_backend: str = "auto",
         schedule: str = "lockstep",
@@ -157,6 +158,7 @@ class DreamBlendXLPipeline(DreamBlendMixin, StableDiffusionXLPipeline):
         clip_skip: int | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
+        attention_callback: AttentionCallback | None = None,
     ) -> DreamBlendPipelineOutput | tuple:
         """Generate with E under G's cross-attention guidance.
 
@@ -197,7 +199,9 @@ class DreamBlendXLPipeline(DreamBlendMixin, StableDiffusionXLPipeline):
         )  # fmt: skip
 
         # 2. G and E from one start latent through Algorithm 1
-        store = AttentionStore(attention_tokens, head_mean, attention_layers, attention_backend)
+        store = self._attention_store(
+            prompt, attention_tokens, head_mean, attention_layers, attention_backend
+        )
         latents, g_latents = self._blend(
             pair,
             cond,
@@ -215,6 +219,7 @@ class DreamBlendXLPipeline(DreamBlendMixin, StableDiffusionXLPipeline):
             return_reference=return_reference,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            attention_callback=attention_callback,
         )
 
         # 3. Decode E's image (and G's reference)

@@ -3,7 +3,8 @@
 Procedural 64x64 photos of plain objects (six classes, eight colours) in eight settings, each with a
 DreamBooth-style caption and exact ground truth; patterned subjects that the base world never draws,
 photographed DreamBooth-style in one or two settings; a caption grammar that parses back to facts; and
-a torch dataset for training a tiny text-to-image model on it.
+a torch dataset for training a tiny text-to-image model on it. Contact sheets to inspect it:
+``python -m dreamblend.toyworld.preview --out DIR``.
 """
 
 from dreamblend.toyworld.backgrounds import render_background

@@ -21,7 +21,7 @@ from dreamblend.toyworld.scenes import (
     sample_pose,
     sample_scene,
 )
-from dreamblend.toyworld.shapes import COLOUR_RGB, PATTERNS, Pattern
+from dreamblend.toyworld.shapes import COLOUR_RGB, PATTERNS, Pattern, nearest_colour
 from dreamblend.toyworld.subjects import (
     SUBJECTS,
     Subject,
@@ -69,6 +69,7 @@ __all__ = [
     "held_out_combinations",
     "instance_images",
     "make_sample",
+    "nearest_colour",
     "parse_caption",
     "render",
     "render_background",

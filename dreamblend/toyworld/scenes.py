@@ -81,10 +81,15 @@ class Scene:
 
 @dataclass(frozen=True)
 class RenderedImage:
-    """Pixels and the object's pixel mask (object coverage of at least half a pixel)."""
+    """Pixels (uint8 HxWx3) with the object's `coverage` of each pixel (float32 HxW in [0, 1]).
+
+    `mask` marks pixels at least half covered; pixels with coverage 0 show only the background (and
+    the object's shadow), pixels with coverage 1 only the object.
+    """
 
     image: np.ndarray
     mask: np.ndarray
+    coverage: np.ndarray
 
     @property
     def bbox(self) -> tuple[int, int, int, int]:
@@ -211,7 +216,7 @@ def render(scene: Scene, size: int = 64, supersample: int = 2) -> RenderedImage:
     box *= 1 - alpha[y0:y1, x0:x1, None]
     box += premultiplied
     pixels = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
-    return RenderedImage(pixels, alpha >= 0.5)
+    return RenderedImage(pixels, alpha >= 0.5, alpha)
 
 
 def make_sample(scene: Scene, caption_text: str, size: int = 64) -> Sample:

@@ -15,9 +15,9 @@ import numpy as np
 
 from dreamblend.toyworld.vocab import CLASSES, COLOURS
 
-__all__ = ["COLOUR_RGB", "PATTERNS", "Pattern", "Surface", "paint_object"]
+__all__ = ["COLOUR_RGB", "PATTERNS", "Pattern", "Surface", "nearest_colour", "paint_object"]
 
-# Reference colours (sRGB, 0-255): a lit, unpatterned object averages close to its reference.
+# Albedos (sRGB, 0-255). A lit object's pixels are these scaled by shading, plus a little highlight.
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (210, 35, 30),
     "green": (40, 170, 55),
@@ -29,6 +29,18 @@ COLOUR_RGB: dict[str, tuple[int, int, int]] = {
     "black": (38, 38, 42),
 }
 assert tuple(COLOUR_RGB) == COLOURS
+_PALETTE = np.asarray(list(COLOUR_RGB.values()), np.float64)
+# The range of average shading over an object's pixels, so a dim yellow is not called orange.
+_SHADING_RANGE = (0.5, 1.2)
+
+
+def nearest_colour(rgb: np.ndarray | tuple[float, float, float]) -> str:
+    """Name of the colour whose shaded albedo is closest to an observed mean colour `rgb` (0-255)."""
+    rgb = np.asarray(rgb, np.float64)
+    scale = np.clip(_PALETTE @ rgb / (_PALETTE * _PALETTE).sum(axis=1), *_SHADING_RANGE)
+    distance = np.linalg.norm(scale[:, None] * _PALETTE - rgb, axis=1)
+    return COLOURS[int(np.argmin(distance))]
+
 
 PATTERNS: tuple[str, ...] = ("dots", "stripes", "bands", "checks", "zigzag", "emblem")
 

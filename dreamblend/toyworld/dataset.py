@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dreamblend.toyworld.scenes import Sample, caption, make_sample, sample_scene
+from dreamblend.toyworld.scenes import Sample, Scene, caption, make_sample, sample_scene
 
 __all__ = ["ToyWorldDataset", "to_tensor"]
 
@@ -20,7 +20,7 @@ class ToyWorldDataset(Dataset):
     """`length` captioned base-world images; item `i` depends only on (seed, i), never on worker or order.
 
     Held-out combinations never appear. Items are (image tensor, caption); `sample(i)` gives the same
-    item with its scene ground truth and mask.
+    item with its scene ground truth and mask, `describe(i)` its scene and caption alone.
     """
 
     def __init__(self, seed: int, length: int, size: int = 64) -> None:
@@ -31,13 +31,17 @@ class ToyWorldDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def sample(self, index: int) -> Sample:
-        """Item `index` with its ground truth."""
+    def describe(self, index: int) -> tuple[Scene, str]:
+        """Item `index`'s scene and caption, without the cost of rendering it."""
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} items")
         rng = np.random.default_rng([self.seed, index])
         scene = sample_scene(rng)
-        return make_sample(scene, caption(scene, rng), self.size)
+        return scene, caption(scene, rng)
+
+    def sample(self, index: int) -> Sample:
+        """Item `index` with its ground truth."""
+        return make_sample(*self.describe(index), self.size)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         sample = self.sample(index)

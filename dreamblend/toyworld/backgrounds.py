@@ -86,7 +86,7 @@ def _horizon(rng: Rng, size: int, low: float, high: float, wobble: float, cells:
 
 
 def _grass(rng: Rng, size: int) -> np.ndarray:
-    y, x = _grid(size)
+    y, _ = _grid(size)
     horizon = _horizon(rng, size, 0.12, 0.3, 0.06)
     sky = _gradient(size, _rgb(105, 160, 225), _rgb(195, 222, 245), 0.0, 0.35)
     patches = _fractal(rng, size, 4)
@@ -98,7 +98,7 @@ def _grass(rng: Rng, size: int) -> np.ndarray:
 
 
 def _beach(rng: Rng, size: int) -> np.ndarray:
-    y, x = _grid(size)
+    y, _ = _grid(size)
     horizon = rng.uniform(0.14, 0.26)
     shore = _horizon(rng, size, horizon + 0.1, horizon + 0.18, 0.08, cells=2)
     sky = _gradient(size, _rgb(90, 160, 230), _rgb(185, 220, 245), 0.0, horizon)
@@ -154,13 +154,14 @@ def _brick(rng: Rng, size: int) -> np.ndarray:
     y, x = _grid(size)
     ground = rng.uniform(0.74, 0.86)
     rows = rng.uniform(9, 12)
-    row = np.floor(y * rows + rng.uniform(0, 1))
+    row_coord = y * rows + rng.uniform(0, 1)
+    row = np.floor(row_coord)
     column_coord = x * rows / 2.2 + 0.5 * (row % 2) + rng.uniform(0, 1)
     column = np.floor(column_coord)
     shades = rng.uniform(0.75, 1.15, (64, 64)).astype(np.float32)
     shade = shades[row.astype(int) % 64, column.astype(int) % 64]
     mortar_width = 1.0 / size
-    in_row = (y * rows + rng.uniform(0, 1)) % 1 < mortar_width * rows * 1.2
+    in_row = row_coord % 1 < mortar_width * rows * 1.2
     in_column = (column_coord % 1) < mortar_width * rows / 2.2 * 1.2
     grain = 0.9 + 0.15 * rng.random((size, size), dtype=np.float32)
     wall = _tint(_rgb(165, 68, 48), shade * grain)
@@ -193,7 +194,7 @@ def _wood(rng: Rng, size: int) -> np.ndarray:
     offsets = rng.uniform(0, 1, 64).astype(np.float32)
     lengths = rng.uniform(0.6, 1.2, 64).astype(np.float32)
     within = depth - plank
-    grain = np.sin(2 * np.pi * (within * 3 + 0.5 * _noise(rng, size, 2, 8) + 8 * x * 0.1))
+    grain = np.sin(2 * np.pi * (within * 3 + 0.5 * _noise(rng, size, 2, 8) + 0.8 * x))
     floor = _tint(_rgb(160, 100, 52), tones[plank % 64] * (0.9 + 0.1 * grain))
     seam = within < 0.08
     joint = ((x / lengths[plank % 64] + offsets[plank % 64]) % 1) < 0.012

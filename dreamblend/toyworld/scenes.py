@@ -68,6 +68,11 @@ class Scene:
     background_seed: int
     pattern: Pattern | None = None
 
+    def __post_init__(self) -> None:
+        for value, known in ((self.cls, CLASSES), (self.colour, COLOURS), (self.background, BACKGROUNDS)):
+            if value not in known:
+                raise ValueError(f"unknown {value!r}; expected one of {known}")
+
     @property
     def is_subject(self) -> bool:
         """Only subjects carry a pattern; the base world's objects are always plain."""

@@ -15,7 +15,7 @@ import numpy as np
 
 from dreamblend.toyworld.vocab import CLASSES, COLOURS
 
-__all__ = ["COLOUR_RGB", "PATTERNS", "Pattern", "Surface", "nearest_colour", "paint_object"]
+__all__ = ["COLOUR_RGB", "PATTERNS", "Pattern", "Pose", "Surface", "nearest_colour", "paint_object"]
 
 # Albedos (sRGB, 0-255). A lit object's pixels are these scaled by shading, plus a little highlight.
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {

@@ -40,6 +40,13 @@ def test_same_seed_same_pixels_and_other_seed_other_pixels():
     assert a.mask.dtype == bool and a.mask.shape == (64, 64)
 
 
+def test_scenes_refuse_unknown_names():
+    scene = sample_scene(np.random.default_rng(0))
+    for field in ("cls", "colour", "background"):
+        with pytest.raises(ValueError):
+            dataclasses.replace(scene, **{field: "moon"})
+
+
 def test_render_at_other_sizes():
     scene = sample_scene(np.random.default_rng(0))
     small, large = render(scene, size=32), render(scene, size=128)

@@ -48,6 +48,7 @@ JOBS (YAML or JSON); paths are relative to the jobs file's folder:
   model: models/sd15                 # base pipeline (diffusers folder or hub id)
   output_dir: runs/dog               # or --out
   prompts: ["a sks dog in the jungle", "a sks dog on the beach"]
+  # a prompt may name its subject (recorded for `dreamblend eval`): {prompt: "a sks dog", subject: dog2}
   seeds: [0, 1, 2]                   # or {start: 0, count: 8}
   pairs:                             # G/E checkpoint pairs, as for `dreamblend generate`
     - {guidance: ckpt/checkpoint-100, edit: ckpt/checkpoint-400}
@@ -102,6 +103,7 @@ class Item:
     alpha: float | None
     cfg: float
     key: str = field(compare=False)
+    subject: str | None = None
 
     @property
     def id(self) -> str:
@@ -124,7 +126,8 @@ class Jobs:
     """A parsed jobs file (see the command's help for the format)."""
 
     model: str
-    prompts: list[str]
+    prompts: list[tuple[str, str | None]]
+    """(prompt, subject or None) pairs."""
     seeds: list[int]
     pairs: list[Pair]
     alphas: list[float | None] = field(default_factory=lambda: [None])
@@ -172,7 +175,7 @@ class Jobs:
             raise CommandError(f"jobs key 'guidance_steps': {exc}") from None
         jobs = cls(
             model=local(data["model"]),
-            prompts=_listed(data["prompts"], str, "prompts"),
+            prompts=[_prompt(p) for p in _listed(data["prompts"], (str, dict), "prompts")],
             seeds=_seeds(data.get("seeds", [0])),
             pairs=[_pair(p, local) for p in _listed(data["pairs"], dict, "pairs")],
             alphas=_listed(data.get("alpha", [None]), (int, float, type(None)), "alpha"),
@@ -217,10 +220,13 @@ class Jobs:
         shared = {"model": self.model, **self.pipeline_options()}
         items = []
         grid = itertools.product(enumerate(self.pairs), self.cfgs, self.alphas, self.prompts, self.seeds)
-        for (p, pair), cfg, alpha, prompt, seed in grid:
+        for (p, pair), cfg, alpha, (prompt, subject), seed in grid:
             models = {k: v for k, v in asdict(pair).items() if k != "name"}  # the name is only a label
             key = {**shared, "pair": models, "cfg": cfg, "alpha": alpha, "prompt": prompt, "seed": seed}
-            items.append(Item(p, prompt, seed, alpha, cfg, json.dumps(key, sort_keys=True, default=str)))
+            if subject is not None:  # tells apart subjects sharing a prompt; absent, ids stay as before
+                key["subject"] = subject
+            text = json.dumps(key, sort_keys=True, default=str)
+            items.append(Item(p, prompt, seed, alpha, cfg, text, subject))
         return items
 
 
@@ -237,6 +243,16 @@ def _listed(value: Any, kind: Any, name: str) -> list[Any]:
     if not values or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
         raise CommandError(f"jobs key {name!r} must be one value or a non-empty list of them, got {value!r}")
     return values
+
+
+def _prompt(value: str | dict) -> tuple[str, str | None]:
+    if isinstance(value, str):
+        return value, None
+    if set(value) != {"prompt", "subject"} or not all(isinstance(v, str) for v in value.values()):
+        raise CommandError(
+            f"a prompt is a string or a {{prompt: ..., subject: ...}} mapping of strings, got {value!r}"
+        )
+    return value["prompt"], value["subject"]
 
 
 def _seeds(value: Any) -> list[int]:
@@ -393,6 +409,7 @@ class BatchRunner:
             "id": item.id,
             "file": item.filename,
             "prompt": item.prompt,
+            "subject": item.subject,
             "negative_prompt": self.jobs.negative_prompt,
             "seed": item.seed,
             "model": self.jobs.model,

@@ -17,8 +17,10 @@ def test_sdxl_guided_end_to_end(scheduler):
     plain = pipe(PROMPT, cross_attention_guidance_scale=0.0, generator=gen(), return_reference=True, **XL)
     edit = plain_xl_pipe(pipe.unet, scheduler)(PROMPT, guidance_scale=3.0, generator=gen(), **XL).images
     guidance = plain_xl_pipe(pipe.guidance_unet, scheduler)(PROMPT, guidance_scale=3.0, generator=gen(), **XL)
-    np.testing.assert_array_equal(plain.images, edit)
-    np.testing.assert_array_equal(plain.reference_images, guidance.images)
+    # Equal to the bit on most CPUs; where oneDNN picks AVX2 GEMMs, stock SDXL's differently composed
+    # text-encoder/UNet batches round the last float32 bits differently (8e-7 measured on [0, 1] pixels).
+    np.testing.assert_allclose(plain.images, edit, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(plain.reference_images, guidance.images, rtol=0, atol=1e-5)
     guided = pipe(PROMPT, cross_attention_guidance_scale=1.0, generator=gen(), return_reference=True, **XL)
     assert np.isfinite(guided.images).all() and not np.allclose(guided.images, plain.images, atol=1e-4)
     # G is never guided (recording its maps only changes the arithmetic path)

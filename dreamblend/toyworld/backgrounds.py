@@ -14,7 +14,7 @@ import numpy as np
 
 from dreamblend.toyworld.vocab import BACKGROUNDS
 
-__all__ = ["render_background"]
+__all__ = ["pixel_grid", "render_background"]
 
 Rng = np.random.Generator
 
@@ -52,7 +52,7 @@ def _fractal(rng: Rng, size: int, cells: int, octaves: int = 3) -> np.ndarray:
 
 
 @functools.cache
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+def pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixel-centre coordinates (y, x) as fractions of the image side, y down."""
     t = (np.arange(size, dtype=np.float32) + 0.5) / size
     y, x = np.meshgrid(t, t, indexing="ij")
@@ -69,7 +69,7 @@ def _gradient(
     size: int, top: np.ndarray, bottom: np.ndarray, start: float = 0.0, end: float = 1.0
 ) -> np.ndarray:
     """Vertical colour ramp from `top` at row fraction `start` to `bottom` at `end`."""
-    y, _ = _grid(size)
+    y, _ = pixel_grid(size)
     t = np.clip((y - start) / max(end - start, 1e-6), 0, 1)[..., None]
     return top * (1 - t) + bottom * t
 
@@ -86,7 +86,7 @@ def _horizon(rng: Rng, size: int, low: float, high: float, wobble: float, cells:
 
 
 def _grass(rng: Rng, size: int) -> np.ndarray:
-    y, _ = _grid(size)
+    y, _ = pixel_grid(size)
     horizon = _horizon(rng, size, 0.12, 0.3, 0.06)
     sky = _gradient(size, _rgb(105, 160, 225), _rgb(195, 222, 245), 0.0, 0.35)
     patches = _fractal(rng, size, 4)
@@ -98,7 +98,7 @@ def _grass(rng: Rng, size: int) -> np.ndarray:
 
 
 def _beach(rng: Rng, size: int) -> np.ndarray:
-    y, _ = _grid(size)
+    y, _ = pixel_grid(size)
     horizon = rng.uniform(0.14, 0.26)
     shore = _horizon(rng, size, horizon + 0.1, horizon + 0.18, 0.08, cells=2)
     sky = _gradient(size, _rgb(90, 160, 230), _rgb(185, 220, 245), 0.0, horizon)
@@ -115,7 +115,7 @@ def _beach(rng: Rng, size: int) -> np.ndarray:
 
 
 def _snow(rng: Rng, size: int) -> np.ndarray:
-    y, x = _grid(size)
+    y, x = pixel_grid(size)
     horizon = _horizon(rng, size, 0.18, 0.32, 0.05)
     sky = _gradient(size, _rgb(160, 175, 200), _rgb(215, 222, 232), 0.0, 0.35)
     # A row of dark pines along the horizon: triangles whose width shrinks toward the tip.
@@ -136,7 +136,7 @@ def _snow(rng: Rng, size: int) -> np.ndarray:
 
 
 def _water(rng: Rng, size: int) -> np.ndarray:
-    y, x = _grid(size)
+    y, x = pixel_grid(size)
     horizon = rng.uniform(0.06, 0.16)
     sky = _gradient(size, _rgb(150, 190, 230), _rgb(215, 232, 245), 0.0, horizon)
     depth = np.clip((y - horizon) / (1 - horizon), 0, 1)
@@ -151,7 +151,7 @@ def _water(rng: Rng, size: int) -> np.ndarray:
 
 
 def _brick(rng: Rng, size: int) -> np.ndarray:
-    y, x = _grid(size)
+    y, x = pixel_grid(size)
     ground = rng.uniform(0.74, 0.86)
     rows = rng.uniform(9, 12)
     row_coord = y * rows + rng.uniform(0, 1)
@@ -171,7 +171,7 @@ def _brick(rng: Rng, size: int) -> np.ndarray:
 
 
 def _night(rng: Rng, size: int) -> np.ndarray:
-    y, x = _grid(size)
+    y, x = pixel_grid(size)
     horizon = _horizon(rng, size, 0.62, 0.74, 0.12)
     sky = _gradient(size, _rgb(5, 8, 30), _rgb(35, 45, 95), 0.0, 0.75)
     stars = rng.random((size, size)) ** 40
@@ -184,7 +184,7 @@ def _night(rng: Rng, size: int) -> np.ndarray:
 
 
 def _wood(rng: Rng, size: int) -> np.ndarray:
-    y, x = _grid(size)
+    y, x = pixel_grid(size)
     wall_end = rng.uniform(0.12, 0.28)
     wall = _tint(_rgb(215, 200, 172), 0.92 + 0.1 * _noise(rng, size, 4))
     # Planks widen toward the viewer; `depth` is constant along a plank.
@@ -205,7 +205,7 @@ def _wood(rng: Rng, size: int) -> np.ndarray:
 
 
 def _street(rng: Rng, size: int) -> np.ndarray:
-    y, x = _grid(size)
+    y, x = pixel_grid(size)
     ground = rng.uniform(0.42, 0.55)
     # A row of facades: one width, roof line and colour per building, looked up per column.
     widths = rng.uniform(0.16, 0.32, 8)

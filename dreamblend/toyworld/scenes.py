@@ -7,12 +7,11 @@ of distinct images far larger than any training run sees.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
 
-from dreamblend.toyworld.backgrounds import render_background
+from dreamblend.toyworld.backgrounds import pixel_grid, render_background
 from dreamblend.toyworld.shapes import Pattern, Pose, paint_object
 from dreamblend.toyworld.vocab import BACKGROUNDS, CLASSES, COLOURS, CaptionFacts, compose_caption
 
@@ -30,8 +29,8 @@ __all__ = [
 ]
 
 # (class, colour, background) triples the base world's training sampler never draws, so a model can be
-# asked for them to test compositional generalization. Each class, colour and background occurs once,
-# and every pair inside a triple still occurs in training with other third elements.
+# asked for them to test compositional generalization. Every class, colour and background occurs in
+# one or two triples, and every pair inside a triple still occurs in training with other third elements.
 HELD_OUT_COMBINATIONS: tuple[tuple[str, str, str], ...] = (
     ("cube", "red", "snow"),
     ("ball", "blue", "beach"),
@@ -163,16 +162,6 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return compose_caption(scene.facts(), photo=bool(rng.integers(2)))
 
 
-@functools.cache
-def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates (y down, x) as fractions of the side."""
-    t = (np.arange(size, dtype=np.float32) + 0.5) / size
-    y, x = np.meshgrid(t, t, indexing="ij")
-    y.setflags(write=False)
-    x.setflags(write=False)
-    return y, x
-
-
 def _block_mean(values: np.ndarray, factor: int) -> np.ndarray:
     """Average non-overlapping `factor` x `factor` blocks of the first two axes."""
     total = sum(values[i::factor, j::factor] for i in range(factor) for j in range(factor))
@@ -191,9 +180,9 @@ def _object_box(scene: Scene, size: int) -> tuple[int, int, int, int]:
 def render(scene: Scene, size: int = 64, supersample: int = 2) -> RenderedImage:
     """Draw `scene` at `size` x `size`; the object is anti-aliased by `supersample`^2 samples per pixel."""
     image = render_background(scene.background, scene.background_seed, size)
-    gy, gx = _pixel_grid(size)
+    gy, gx = pixel_grid(size)
     # A soft contact shadow under the object, offset away from the light.
-    sx = scene.x - 0.25 * scene.size * np.sin(scene.light)
+    sx = scene.x - 0.25 * scene.size * float(np.sin(scene.light))
     sy = scene.y + 0.8 * scene.size
     d = ((gx - sx) / (0.95 * scene.size)) ** 2 + ((gy - sy) / (0.28 * scene.size)) ** 2
     image *= (1 - 0.4 * np.clip(1.5 * (1 - d), 0, 1))[..., None]

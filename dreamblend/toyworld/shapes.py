@@ -8,6 +8,7 @@ over the visible surface, on which a pattern is painted so it wraps the solid in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -80,9 +81,13 @@ class Pose:
     aspect: float
 
 
-def _view(x: np.ndarray, y: np.ndarray, z: np.ndarray, elevation: float) -> tuple:
+Coordinate = np.ndarray | float
+Triple = tuple[Coordinate, Coordinate, Coordinate]
+
+
+def _view(x: Coordinate, y: Coordinate, z: Coordinate, elevation: float) -> Triple:
     """World (y up) to view (x right, y up on screen, z toward viewer) for a camera looking down."""
-    c, s = np.cos(elevation), np.sin(elevation)
+    c, s = math.cos(elevation), math.sin(elevation)
     return x, y * c - z * s, y * s + z * c
 
 
@@ -97,7 +102,7 @@ def _ball(x: np.ndarray, y: np.ndarray, pose: Pose) -> Surface:
 
 def _cube(x: np.ndarray, y: np.ndarray, pose: Pose) -> Surface:
     half = 0.58
-    cy, sy = np.cos(pose.yaw), np.sin(pose.yaw)
+    cy, sy = math.cos(pose.yaw), math.sin(pose.yaw)
     right, up, front = np.array([cy, 0, -sy]), np.array([0.0, 1, 0]), np.array([sy, 0, cy])
     cover = np.zeros(x.shape, bool)
     normal = [np.zeros(x.shape, np.float32) for _ in range(3)]
@@ -133,7 +138,7 @@ def _cube(x: np.ndarray, y: np.ndarray, pose: Pose) -> Surface:
 
 def _cylinder(x: np.ndarray, y: np.ndarray, pose: Pose) -> Surface:
     radius, half = 0.6, 0.6 * pose.aspect
-    c, s = np.cos(pose.elevation), np.sin(pose.elevation)
+    c, s = math.cos(pose.elevation), math.sin(pose.elevation)
     top_y, bottom_y = half * c, -half * c
     xr = x / radius
     front = np.sqrt(np.clip(1 - xr * xr, 0, 1))
@@ -149,7 +154,7 @@ def _cylinder(x: np.ndarray, y: np.ndarray, pose: Pose) -> Surface:
 
 def _cone(x: np.ndarray, y: np.ndarray, pose: Pose) -> Surface:
     radius, half = 0.66, 0.6 * pose.aspect
-    c, s = np.cos(pose.elevation), np.sin(pose.elevation)
+    c, s = math.cos(pose.elevation), math.sin(pose.elevation)
     apex_y, base_y = half * c, -half * c
     spread = np.clip((apex_y - y) / (apex_y - base_y), 0, None)
     side = (y <= apex_y) & (y >= base_y) & (np.abs(x) <= radius * spread)
@@ -157,9 +162,10 @@ def _cone(x: np.ndarray, y: np.ndarray, pose: Pose) -> Surface:
     rho = np.clip(np.maximum(spread, np.abs(x) / radius), 1e-3, 1)
     sin_a = np.clip(x / (radius * rho), -1, 1)
     cos_a = np.sqrt(1 - sin_a * sin_a)
-    slope = np.arctan2(radius, 2 * half)
+    # The side's normal tilts up from horizontal by the angle whose tangent is radius / height.
+    slope = math.atan2(radius, 2 * half)
     nx, ny, nz = _view(
-        sin_a * np.cos(slope), np.full_like(x, np.sin(slope)), cos_a * np.cos(slope), pose.elevation
+        sin_a * math.cos(slope), np.full_like(x, math.sin(slope)), cos_a * math.cos(slope), pose.elevation
     )
     cover = side | foot
     return Surface(cover, (nx, ny, nz), np.arcsin(sin_a) / (np.pi / 2), 2 * rho - 1, cover)
@@ -167,9 +173,9 @@ def _cone(x: np.ndarray, y: np.ndarray, pose: Pose) -> Surface:
 
 def _ring(x: np.ndarray, y: np.ndarray, pose: Pose) -> Surface:
     major, tube = 0.74, 0.25
-    squash = 0.4 + 0.6 * abs(np.cos(pose.yaw))
+    squash = 0.4 + 0.6 * abs(math.cos(pose.yaw))
     # Orthographically a torus is a disc of the tube's radius swept along an ellipse: find the nearest
-    # ellipse point (an eccentric-anomaly guess plus one Newton step on the distance).
+    # ellipse point (an eccentric-anomaly guess plus two Newton steps on the distance).
     t = np.arctan2(y / squash, x)
     for _ in range(2):
         ex, ey = major * np.cos(t), major * squash * np.sin(t)
@@ -219,7 +225,7 @@ def _star_radius(theta: np.ndarray) -> np.ndarray:
 
 
 def _star(x: np.ndarray, y: np.ndarray, pose: Pose) -> Surface:
-    xs = x / (0.6 + 0.4 * abs(np.cos(pose.yaw)))
+    xs = x / (0.6 + 0.4 * abs(math.cos(pose.yaw)))
     theta = np.arctan2(xs, y) % (2 * np.pi)
     cover = np.hypot(xs, y) <= _star_radius(theta)
     facet = np.minimum((theta / (np.pi / 5)).astype(int), 9)

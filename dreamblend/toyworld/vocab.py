@@ -44,7 +44,8 @@ _PHOTO = ("a", "photo", "of")
 _ARTICLES = ("a", "an")
 _PHRASE_TO_BACKGROUND = {phrase: name for name, phrase in BACKGROUND_PHRASES.items()}
 
-# Every word a caption can contain, each meant to become one text-encoder token.
+# Every word a caption can contain. `dreamblend.testing.write_tiny_tokenizer_files(path, VOCABULARY)`
+# writes a CLIP BPE tokenizer in which each, the rare subject token included, is one whole-word token.
 VOCABULARY: tuple[str, ...] = tuple(
     dict.fromkeys(
         [

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dreamblend.commands import help_text
 from dreamblend.commands.generate import CommandError, atomic_write, ensure_writable_dir
 
@@ -63,56 +65,65 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("manifest", type=Path, help="a batch run's manifest.jsonl, or its output folder")
-    parser.add_argument("--references", type=Path, required=True, help="subject folder or benchmark root")
-    parser.add_argument("--subject", help="subject of every image (a folder name under a benchmark root)")
-    parser.add_argument(
+    add = parser.add_argument
+    add("manifest", type=Path, help="a batch run's manifest.jsonl, or its output folder")
+    add("--references", type=Path, required=True, metavar="DIR", help="subject folder or benchmark root")
+    add("--subject", metavar="NAME", help="subject of every image (a folder name under a benchmark root)")
+    add(
         "--metrics",
         nargs="+",
         metavar="NAME",
         help="metrics to compute (default: dino clip_i clip_t diversity; also built in: mdino mclip_i)",
     )
-    parser.add_argument(
+    add(
         "--metrics-from",
         action="append",
         default=[],
         metavar="MODULE",
         help="import MODULE first; it adds metrics with dreamblend.metrics.register_metric",
     )
-    parser.add_argument(
-        "--token", default="sks", help="rare token of the prompts, removed for clip_t (default sks)"
+    add("--token", default="sks", help="rare token of the prompts, removed for clip_t (default sks)")
+    add(
+        "--class-word",
+        metavar="WORD",
+        help="subject class for the masked metrics (default: the word after --token)",
     )
-    parser.add_argument(
-        "--class-word", help="subject class for the masked metrics (default: the word after --token)"
+    add(
+        "--masks",
+        type=Path,
+        metavar="DIR",
+        help="mask PNGs (white = subject) of the run's images, named as they are",
     )
-    parser.add_argument(
-        "--masks", type=Path, help="folder of mask PNGs for the run's images (same file names)"
+    add(
+        "--reference-masks",
+        type=Path,
+        metavar="DIR",
+        help="mask PNGs mirroring --references (<subject>/NN.png)",
     )
-    parser.add_argument(
-        "--reference-masks", type=Path, help="folder of mask PNGs mirroring --references (<subject>/NN.png)"
+    add("--out", type=Path, metavar="DIR", help="output folder (default: eval/ next to the manifest)")
+    add(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help="images per forward (default 32)",
     )
-    parser.add_argument("--out", type=Path, help="output folder (default: eval/ next to the manifest)")
-    parser.add_argument(
-        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per forward (default 32)"
+    add("--device", help="torch device (default: cuda if available, else cpu)")
+    add("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    models = parser.add_argument_group("models (hub id or local folder)").add_argument
+    models(
+        "--model-clip",
+        metavar="ID",
+        help="CLIP for clip_i, clip_t, mclip_i (default openai/clip-vit-base-patch32)",
     )
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    models = parser.add_argument_group("models (hub id or local folder)")
-    models.add_argument(
-        "--model-clip", help="CLIP for clip_i, clip_t, mclip_i (default openai/clip-vit-base-patch32)"
+    models(
+        "--model-dino", metavar="ID", help="DINO for dino, diversity, mdino (default facebook/dino-vits16)"
     )
-    models.add_argument("--model-dino", help="DINO for dino, diversity, mdino (default facebook/dino-vits16)")
-    models.add_argument(
-        "--model-clipseg", help="segmenter for the masked metrics (default CIDAS/clipseg-rd64-refined)"
+    models(
+        "--model-clipseg", metavar="ID", help="masked metrics' segmenter (default CIDAS/clipseg-rd64-refined)"
     )
-    models.add_argument(
-        "--model",
-        type=_model_override,
-        action="append",
-        default=[],
-        metavar="KEY=MODEL",
-        help="model for a registered metric's KEY",
-    )
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    models("--model", type=_model_override, action="append", default=[], metavar="KEY=ID",
+           help="model for a registered metric's KEY")  # fmt: skip
     parser.set_defaults(func=run)
 
 
@@ -269,9 +280,14 @@ class ScoreLog:
             if len(complete) != len(data):  # a run killed mid-write: drop the partial row, redo that image
                 with path.open("r+b") as handle:
                     handle.truncate(len(complete))
-            for line in complete.decode().splitlines():
-                row = json.loads(line)
-                self.rows[(row.get("id"), row["file"])] = row
+            for number, line in enumerate(complete.decode().splitlines(), start=1):
+                try:
+                    row = json.loads(line)
+                    self.rows[(row.get("id"), row["file"])] = row
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                    raise CommandError(
+                        f"{path} line {number} is not a score row; remove it (its image is scored again)"
+                    ) from None
         self._handle = path.open("a", encoding="utf-8")
 
     def is_scored(self, entry: Entry) -> bool:
@@ -307,8 +323,6 @@ def summarize(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> list[di
     A metric's NaN values (diversity of a lone image) are left out of its mean; the standard error is
     the sample standard deviation over sqrt(n), None for fewer than two values.
     """
-    import numpy as np
-
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in rows:
         if row.get("error") is None:

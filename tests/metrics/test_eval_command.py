@@ -271,6 +271,9 @@ def test_command_errors_name_the_fix(run, run_copy, evaluate, tmp_path, capsys, 
     fails(run_copy, "--references", str(DOG), *out, message="line 1 needs string fields 'file' and 'prompt'")
 
     assert evaluate(run, "--references", str(DOG), "--metrics", "clip_t", *out) == 0
+    scores = tmp_path / "e" / "scores.jsonl"
+    scores.write_text("garbage\n" + scores.read_text())
+    fails(run, "--references", str(DOG), "--metrics", "clip_t", *out, message="line 1 is not a score row")
     fails(run, "--references", str(DOG), "--metrics", "clip_t", "--token", "zwx", *out,
           message="holds scores made with other options (token: 'sks' then, 'zwx' now)")  # fmt: skip
 

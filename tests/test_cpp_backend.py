@@ -145,7 +145,10 @@ def test_double_backward_is_refused():
         dq.sum().backward()
 
 
-def test_bitwise_deterministic_across_runs_and_thread_counts():
+def test_bitwise_deterministic_across_runs_and_close_across_thread_counts():
+    """Tiles and their partial sums have a fixed order, so a rerun is identical to the bit. The tile
+    GEMMs are ATen's (MKL/oneDNN), whose blocking depends on the thread count, so 1 and 2 threads
+    agree within float32 rounding only (8e-7 measured on an AVX-512/AMX Xeon)."""
     q, k, v = make_qkv(2, 4, 300, 77, 40, dtype=torch.float32)
     ref = reference_map_with_margin(q, k, v, None, False)
 
@@ -156,14 +159,18 @@ def test_bitwise_deterministic_across_runs_and_thread_counts():
         return out, loss, maps, *grads
 
     threads = torch.get_num_threads()
-    first, second = run(), run()
-    torch.set_num_threads(1)
+    results = {}
     try:
-        single = run()
+        for count in (2, 1):
+            torch.set_num_threads(count)
+            first, second = run(), run()
+            for a, b in zip(first, second, strict=True):
+                assert torch.equal(a, b), f"{count} threads: a rerun differs"
+            results[count] = first
     finally:
         torch.set_num_threads(threads)
-    for a, b, c in zip(first, second, single, strict=True):
-        assert torch.equal(a, b) and torch.equal(a, c)
+    for a, b in zip(results[2], results[1], strict=True):
+        torch.testing.assert_close(a, b, **TOLERANCES[torch.float32])
 
 
 def test_backward_keeps_no_probabilities_alive():

@@ -15,6 +15,8 @@ Conventions (all deterministic):
   on both scores and better on one. Of points with identical scores the earliest row stands for all.
 - A row is a **DreamBlend point** when it names both a guidance and an edit step and its alpha is not
   0; otherwise it is a fine-tuning checkpoint sampled alone, at its edit step (or guidance step).
+  Steps are numbers, or checkpoint names (``runs/dog/checkpoint-50``; ``base`` is step 0) as
+  ``dreamblend eval``'s ``summary.csv`` writes them.
 """
 
 from __future__ import annotations
@@ -32,20 +34,31 @@ from dreamblend.analysis.figures import new_figure, save_png
 
 @dataclass(frozen=True)
 class PointColumns:
-    """Column names of a points table; only ``method`` and the two fidelity means are required."""
+    """Column names of a points table; only the two fidelity means are required."""
 
     subject: str = "subject"
     method: str = "method"
     guidance_step: str = "guidance_step"
     edit_step: str = "edit_step"
     alpha: str = "alpha"
+    cfg: str = "cfg"
     subject_fidelity: str = "subject_fidelity"
     subject_fidelity_se: str = "subject_fidelity_se"
     prompt_fidelity: str = "prompt_fidelity"
     prompt_fidelity_se: str = "prompt_fidelity_se"
 
 
-REQUIRED = ("method", "subject_fidelity", "prompt_fidelity")
+# ``dreamblend eval``'s summary.csv: checkpoints by name, DINO and CLIP-T means and standard errors.
+EVAL_SUMMARY_COLUMNS = PointColumns(
+    guidance_step="guidance",
+    edit_step="edit",
+    subject_fidelity="dino_mean",
+    subject_fidelity_se="dino_se",
+    prompt_fidelity="clip_t_mean",
+    prompt_fidelity_se="clip_t_se",
+)
+REQUIRED = ("subject_fidelity", "prompt_fidelity")
+_CHECKPOINT_STEP = re.compile(r"checkpoint-(\d+)")
 
 
 def f1_score(prompt_fidelity: float, subject_fidelity: float) -> float:
@@ -54,6 +67,10 @@ def f1_score(prompt_fidelity: float, subject_fidelity: float) -> float:
     if a <= 0 or b <= 0:
         return 0.0
     return 2 * a * b / (a + b)
+
+
+def _is_blend(guidance_step: int | None, edit_step: int | None, alpha: float | None) -> bool:
+    return guidance_step is not None and edit_step is not None and alpha != 0
 
 
 @dataclass(frozen=True)
@@ -66,13 +83,14 @@ class OperatingPoint:
     guidance_step: int | None = None
     edit_step: int | None = None
     alpha: float | None = None
+    cfg: float | None = None
     subject_fidelity_se: float | None = None
     prompt_fidelity_se: float | None = None
     subject: str | None = None
 
     @property
     def is_blend(self) -> bool:
-        return self.guidance_step is not None and self.edit_step is not None and self.alpha != 0
+        return _is_blend(self.guidance_step, self.edit_step, self.alpha)
 
     @property
     def step(self) -> int | None:
@@ -84,40 +102,76 @@ class OperatingPoint:
         return f1_score(self.prompt_fidelity, self.subject_fidelity)
 
     @property
-    def key(self) -> tuple[str, int | None, int | None, float | None]:
+    def key(self) -> tuple[str, int | None, int | None, float | None, float | None]:
         """What identifies the operating point across subjects."""
-        return self.method, self.guidance_step, self.edit_step, self.alpha
+        return self.method, self.guidance_step, self.edit_step, self.alpha, self.cfg
 
     @property
     def label(self) -> str:
+        cfg = "" if self.cfg is None else f", cfg {self.cfg:g}"
         if self.is_blend:
             alpha = "" if self.alpha is None else f", alpha {self.alpha:g}"
-            return f"{self.method} G {self.guidance_step} / E {self.edit_step}{alpha}"
-        return self.method if self.step is None else f"{self.method} step {self.step}"
+            return f"{self.method} G {self.guidance_step} / E {self.edit_step}{alpha}{cfg}"
+        return (self.method if self.step is None else f"{self.method} step {self.step}") + cfg
 
 
-def _number(row: Mapping[str, object], column: str, line: int, kind: type) -> float | int | None:
+def _cell(row: Mapping[str, object], column: str) -> str | None:
     value = row.get(column)
-    if value is None or (isinstance(value, str) and not value.strip()):
+    return None if value is None or not str(value).strip() else str(value).strip()
+
+
+def _number(row: Mapping[str, object], column: str, line: int) -> float | None:
+    text = _cell(row, column)
+    if text is None:
         return None
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"row {line}: column {column!r} holds {value!r}, not a number") from None
+        number = float(text)
+    except ValueError:
+        raise ValueError(f"row {line}: column {column!r} holds {text!r}, not a number") from None
     if not math.isfinite(number):
-        raise ValueError(f"row {line}: column {column!r} is {value!r}; scores must be finite")
-    if kind is int:
-        if not number.is_integer():
-            raise ValueError(f"row {line}: column {column!r} holds {value!r}, not a whole step number")
-        return int(number)
+        raise ValueError(f"row {line}: column {column!r} is {text!r}; scores must be finite")
     return number
+
+
+def _step(row: Mapping[str, object], column: str, line: int) -> int | None:
+    """A step number, a checkpoint name ending in ``checkpoint-STEP``, or ``base`` (step 0)."""
+    text = _cell(row, column)
+    if text is None:
+        return None
+    if text.lower() == "base":
+        return 0
+    found = _CHECKPOINT_STEP.findall(text)
+    if found:
+        return int(found[-1])
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if not number.is_integer() or number < 0:
+        raise ValueError(
+            f"row {line}: column {column!r} holds {text!r}, which names no step: use a step number, a "
+            "checkpoint name like runs/dog/checkpoint-50, or 'base'"
+        )
+    return int(number)
+
+
+def _default_columns(present: set[str]) -> PointColumns:
+    """The default names, or ``dreamblend eval``'s when the table is its summary."""
+    eval_names = {EVAL_SUMMARY_COLUMNS.subject_fidelity, EVAL_SUMMARY_COLUMNS.prompt_fidelity}
+    if not {PointColumns.subject_fidelity, PointColumns.prompt_fidelity} & present and eval_names <= present:
+        return EVAL_SUMMARY_COLUMNS
+    return PointColumns()
 
 
 def read_points(
     source: str | Path | Iterable[Mapping[str, object]], columns: PointColumns | None = None
 ) -> list[OperatingPoint]:
-    """Operating points from a CSV file or rows of dicts; empty cells and absent columns are None."""
-    columns = columns or PointColumns()
+    """Operating points from a CSV file or rows of dicts; empty cells and absent columns are None.
+
+    Without ``columns`` the names of :class:`PointColumns` are used, or those of ``dreamblend eval``'s
+    ``summary.csv`` (:data:`EVAL_SUMMARY_COLUMNS`) when the table has them instead. A row without a
+    method is "DreamBlend" (a G/E pair) or "fine-tuning" (one checkpoint).
+    """
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
@@ -129,26 +183,30 @@ def read_points(
     if not rows:
         raise ValueError("the points table has no rows")
     present = set().union(*(row.keys() for row in rows))
+    columns = columns or _default_columns(present)
     missing = [getattr(columns, name) for name in REQUIRED if getattr(columns, name) not in present]
     if missing:
         raise ValueError(
             f"the points table lacks column(s) {missing}; it has {sorted(present)}. Name yours with "
-            f"PointColumns(subject_fidelity='dino', prompt_fidelity='clip_t', ...)"
+            f"PointColumns(subject_fidelity='dino', prompt_fidelity='clip_t', ...) (CLI: --column)"
         )
-    kinds = {"guidance_step": int, "edit_step": int}
     points = []
     for line, row in enumerate(rows, start=2 if isinstance(source, (str, Path)) else 0):
         values: dict[str, object] = {}
         for field in fields(OperatingPoint):
             column = getattr(columns, field.name)
             if field.name in ("method", "subject"):
-                text = row.get(column)
-                values[field.name] = None if text is None or not str(text).strip() else str(text).strip()
+                values[field.name] = _cell(row, column)
+            elif field.name in ("guidance_step", "edit_step"):
+                values[field.name] = _step(row, column, line)
             else:
-                values[field.name] = _number(row, column, line, kinds.get(field.name, float))
+                values[field.name] = _number(row, column, line)
         for name in REQUIRED:
             if values[name] is None:
                 raise ValueError(f"row {line}: column {getattr(columns, name)!r} is empty")
+        if values["method"] is None:
+            blend = _is_blend(values["guidance_step"], values["edit_step"], values["alpha"])
+            values["method"] = "DreamBlend" if blend else "fine-tuning"
         points.append(OperatingPoint(**values))
     return points
 
@@ -223,7 +281,7 @@ def average_over_subjects(points: Sequence[OperatingPoint]) -> list[OperatingPoi
             stacklevel=2,
         )
     averaged = []
-    for (method, g, e, alpha), row in complete.items():
+    for (method, g, e, alpha, cfg), row in complete.items():
         members = [row[s] for s in subjects]
         averaged.append(
             OperatingPoint(
@@ -231,6 +289,7 @@ def average_over_subjects(points: Sequence[OperatingPoint]) -> list[OperatingPoi
                 guidance_step=g,
                 edit_step=e,
                 alpha=alpha,
+                cfg=cfg,
                 subject_fidelity=sum(p.subject_fidelity for p in members) / len(members),
                 prompt_fidelity=sum(p.prompt_fidelity for p in members) / len(members),
                 subject_fidelity_se=_combined_se([p.subject_fidelity_se for p in members]),

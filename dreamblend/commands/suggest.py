@@ -8,8 +8,9 @@ checkpoint where collapse reaches --saturation of its rise, G the latest point b
 collapse stays within --guidance-level of the rise (see dreamblend.analysis.collapse).
 
 A points table (columns subject, method, guidance_step, edit_step, alpha, subject_fidelity,
-prompt_fidelity and their _se errors, as written by evaluation): the best operating point of each
-subject and method by F1 of the two mean scores, as in the paper, and with --plots the Fig. 7 plots.
+prompt_fidelity and their _se errors; or the summary.csv of 'dreamblend eval'): the best operating
+point of each subject and method by F1 of the two mean scores, as in the paper, and with --plots the
+Fig. 7 plots.
 """
 
 from __future__ import annotations

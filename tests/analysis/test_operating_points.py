@@ -124,13 +124,14 @@ def test_columns_are_configurable_and_errors_name_the_fix(tmp_path):
     (p,) = read_points(rows, columns)
     assert (p.method, p.edit_step, p.subject_fidelity, p.prompt_fidelity) == ("db", 50, 0.5, 0.3)
     assert p.alpha is None and p.subject is None
-    missing = r"lacks column\(s\) \['method', 'subject_fidelity', 'prompt_fidelity'\].*PointColumns"
+    missing = r"lacks column\(s\) \['subject_fidelity', 'prompt_fidelity'\].*PointColumns"
     with pytest.raises(ValueError, match=missing):
         read_points(rows)
     with pytest.raises(ValueError, match="row 0: column 'dino' holds 'high', not a number"):
         read_points([{**rows[0], "dino": "high"}], columns)
-    with pytest.raises(ValueError, match="row 0: column 'step' holds '12.5', not a whole step"):
-        read_points([{**rows[0], "step": "12.5"}], columns)
+    for step in ("12.5", "-5", "latest"):
+        with pytest.raises(ValueError, match=f"row 0: column 'step' holds '{step}', which names no step"):
+            read_points([{**rows[0], "step": step}], columns)
     with pytest.raises(ValueError, match="scores must be finite"):
         read_points([{**rows[0], "clip_t": "nan"}], columns)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -139,6 +140,23 @@ def test_columns_are_configurable_and_errors_name_the_fix(tmp_path):
     bad.write_text("method,subject_fidelity,prompt_fidelity\ndb,0.5,\n")
     with pytest.raises(ValueError, match="row 2: column 'prompt_fidelity' is empty"):
         read_points(bad)
+
+
+def test_eval_summary_is_read_as_it_is_written():
+    """`dreamblend eval` names checkpoints (not steps) and writes dino_mean/clip_t_mean and their errors."""
+    common = {"subject": "dog", "pair": "p", "cfg": "2.0", "images": "10", "dino_se": "0.01", "clip_t_se": ""}
+    rows = [
+        {**common, "guidance": "base", "edit": "runs/dog/checkpoint-200", "alpha": "0.07",
+         "dino_mean": "0.6", "clip_t_mean": "0.3"},
+        {**common, "guidance": "base", "edit": "runs/dog/checkpoint-200", "alpha": "0",
+         "dino_mean": "0.7", "clip_t_mean": "0.25"},
+        {**common, "guidance": "base + runs/dog/checkpoint-50/pytorch_lora_weights.safetensors",
+         "edit": "runs/dog/checkpoint-100", "alpha": "0.1", "dino_mean": "0.55", "clip_t_mean": "0.31"},
+    ]  # fmt: skip
+    blend, alone, lora = read_points(rows)
+    assert blend.label == "DreamBlend G 0 / E 200, alpha 0.07, cfg 2" and blend.subject_fidelity_se == 0.01
+    assert alone.label == "fine-tuning step 200, cfg 2" and alone.prompt_fidelity_se is None
+    assert (lora.guidance_step, lora.edit_step) == (50, 100)
 
 
 def test_plots_per_subject_and_averaged(table, tmp_path):

@@ -167,7 +167,8 @@ class DreamBlendPipeline(DreamBlendMixin, StableDiffusionPipeline):
                 input), which it may replace.
             attention_callback: ``f(role, step_index, maps)`` with the conditional branch's maps
                 ``{layer: map}`` of each CFG step of G (role "guidance") and E ("edit"), selected like the
-                guidance maps; G then runs all steps. For analysis (e.g. :mod:`dreamblend.analysis.maps`).
+                guidance maps; G then runs all steps. The maps are read-only (G's are E's reference at
+                guided steps). For analysis, e.g. :mod:`dreamblend.analysis.maps`.
 
         Returns:
             :class:`DreamBlendPipelineOutput`, or ``(images, reference_images, nsfw_content_detected)``.

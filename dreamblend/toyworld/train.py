@@ -206,8 +206,9 @@ def train_vae(args: argparse.Namespace) -> None:
         images = torch.stack(
             [vae_image(args.seed, step * args.batch_size + i) for i in range(args.batch_size)]
         )
+        lr = warmup_lr(args.lr, step, args.warmup)
         for group in optimizer.param_groups:
-            group["lr"] = warmup_lr(args.lr, step, args.warmup)
+            group["lr"] = lr
         loss = vae_loss(vae, images, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -219,7 +220,13 @@ def train_vae(args: argparse.Namespace) -> None:
         if step % args.log_every == 0 or step == args.steps:
             log(
                 run,
-                {"stage": "vae", "step": step, "loss": float(np.mean(losses)), "seconds": round(seconds, 1)},
+                {
+                    "stage": "vae",
+                    "step": step,
+                    "loss": float(np.mean(losses)),
+                    "lr": lr,
+                    "seconds": round(seconds, 1),
+                },
             )
             losses.clear()
         if step % args.save_every == 0 or step == args.steps:
@@ -337,8 +344,9 @@ def train_base(args: argparse.Namespace) -> None:
             truncation=True,
             return_tensors="pt",
         ).input_ids
+        lr = warmup_lr(args.lr, step, args.warmup)
         for group in optimizer.param_groups:
-            group["lr"] = warmup_lr(args.lr, step, args.warmup)
+            group["lr"] = lr
         context = text_encoder(ids).last_hidden_state
         loss = F.mse_loss(unet(noisy, timesteps, context).sample, noise)
         optimizer.zero_grad(set_to_none=True)
@@ -352,7 +360,13 @@ def train_base(args: argparse.Namespace) -> None:
         if step % args.log_every == 0 or step == args.steps:
             log(
                 run,
-                {"stage": "base", "step": step, "loss": float(np.mean(losses)), "seconds": round(seconds, 1)},
+                {
+                    "stage": "base",
+                    "step": step,
+                    "loss": float(np.mean(losses)),
+                    "lr": lr,
+                    "seconds": round(seconds, 1),
+                },
             )
             losses.clear()
         if step % args.save_every == 0 or step == args.steps:
@@ -472,7 +486,7 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m dreamblend.toyworld.train", description=__doc__.split("\n")[0]
     )
     sub = p.add_subparsers(dest="stage", required=True)
-    for stage, steps, batch, lr in (("vae", 2000, 16, 1e-3), ("base", 20000, 32, 3e-4)):
+    for stage, steps, batch, lr in (("vae", 2000, 16, 1e-3), ("base", 20000, 32, 5e-4)):
         s = sub.add_parser(stage, help=f"train the {stage} stage into --out")
         s.add_argument("--out", required=True, metavar="RUN", help="run folder (outside the repository)")
         s.add_argument("--steps", type=int, default=steps, help="total steps (a resumed run continues to it)")

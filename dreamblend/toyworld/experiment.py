@@ -14,7 +14,11 @@ Outputs in DIR: ``points.csv`` (images of all subjects pooled per operating poin
 ``points_by_subject.csv``, ``collapse.csv``, ``table.md``, ``run.json`` and ``figures/*.png``. The
 heavy intermediates (instance photos, trajectories, images, per-image records and scores) go to
 ``DIR/work``, which ``DIR/.gitignore`` keeps out of commits; a rerun reuses every finished trajectory,
-image and score, so a killed run continues where it stopped.
+image and score, so a killed run continues where it stopped. A run prints its image count and a time
+estimate measured on the machine first (``--dry-run`` stops there). The sampler's small models gain
+little from a second thread: to use two cores, run two processes with ``--threads 1`` and disjoint
+``--subjects`` on one ``--out`` (each subject's work is its own), then once with all subjects to write
+the tables.
 
 ``--smoke`` runs the same code at toy scale (one subject, three checkpoints of three training steps,
 one alpha, two sampling steps) for CI; when the shipped base model or metric weights are absent it uses
@@ -74,6 +78,10 @@ CHECKPOINT, DREAMBLEND = "checkpoint", "dreamblend"
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 DEFAULT_OUT = Path("benchmarks/results/toyworld")
 METRIC_ROLES = ("subject", "prompt", "diversity")
+# Untuned starting points. DreamBooth's rates (5e-6 full, 1e-4 LoRA) are SD's; the toy base model
+# trains at several times 1e-4, and a 400-step trajectory must overfit for its late checkpoints to be
+# E. The collapse plot and the checkpoints' fidelities of a run show whether it did.
+TOY_LEARNING_RATE = {"lora": 1e-3, "full": 1e-4}
 
 # Every option's value in a full run and in --smoke; a value given on the command line wins over both.
 FULL_DEFAULTS: dict[str, Any] = {
@@ -105,7 +113,6 @@ SMOKE_DEFAULTS: dict[str, Any] = {
     "steps": 2,
     "max_steps": 3,
     "save_steps": [1, 2, 3],
-    "learning_rate": 1e-3,
     "edit_steps": [2, 3],
     "alphas": [0.1],
     "sweep_alphas": [],
@@ -426,16 +433,17 @@ class Models:
         return {}
 
 
-def measure_costs(models: Models, s: Settings, prompt: str) -> dict[str, float]:
+def measure_costs(models: Models, s: Settings, prompts: list[str]) -> dict[str, float]:
     """Seconds per image alone and per DreamBlend image at ``--steps``, and per training step, timed here.
 
-    Each sampler is timed at one and three steps on the base model and the cost extrapolated linearly
-    (fixed cost: text encoding and decoding); the training step is a forward and backward of the UNet.
+    Each sampler is timed at one and three steps on the base model with one point's batch of ``prompts``
+    x seeds, and the cost extrapolated linearly (fixed cost: text encoding and decoding); the training
+    step is a forward and backward of the UNet.
     """
     from dreamblend.pipelines import DreamBlendPipeline
 
-    batch = min(s.batch_size, 4)
-    prompts = [prompt] * batch
+    batch = min(s.batch_size, len(prompts) * s.seeds)
+    prompts = [p for p in prompts for _ in range(s.seeds)][:batch]
     generators = lambda: [torch.Generator().manual_seed(i) for i in range(batch)]
     blend = DreamBlendPipeline(
         **{**models.pipe.components, "guidance_unet": copy.deepcopy(models.base_unet)},
@@ -556,8 +564,8 @@ class Experiment:
         return record.is_file() and self.folder(subject, "images", item.file).is_file()
 
     # ------------------------------------------------------------------ models
-    def resolve_models(self) -> None:
-        """The base model and metric weights: given, shipped, or (smoke only) tiny random stand-ins."""
+    def resolve_base(self) -> None:
+        """The base model: given, shipped, or (smoke only) the toy architecture with random weights."""
         s = self.s
         base = s.base or WEIGHTS / "base"
         if not (base / "model_index.json").is_file():
@@ -572,6 +580,10 @@ class Experiment:
             self.notes.append("base model: the toy model's architecture with random weights (smoke stand-in)")
         self.base = base
         self.base_digest = _file_digest(base / "unet" / "diffusion_pytorch_model.safetensors")
+
+    def resolve_metrics_model(self) -> None:
+        """The world encoder the toy metrics read images with: given, shipped, or (smoke only) random."""
+        s = self.s
         metrics = s.metrics_model or WEIGHTS / "metrics"
         if not (metrics / "model.safetensors").is_file():
             if s.metrics_model is not None or not s.smoke:
@@ -903,15 +915,18 @@ class Experiment:
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.work.mkdir(parents=True, exist_ok=True)
         _write_text(self.s.out / ".gitignore", "work/\n")
-        self.resolve_models()
-        metrics = self.build_metrics()
+        self.resolve_base()
+        metrics = []
+        if not self.s.dry_run:  # missing metric weights fail a run before any work
+            self.resolve_metrics_model()
+            metrics = self.build_metrics()
         counts = self.count()
         for line in self.describe_plan(counts):
             self.say(line)
         models = Models(self.base, self.s.mode)
         estimate = None
         if counts.alone + counts.blend or self.s.dry_run:
-            costs = measure_costs(models, self.s, self.prompts(self.subjects[0])[0])
+            costs = measure_costs(models, self.s, self.prompts(self.subjects[0]))
             estimate = _estimate(costs, counts)
             self.say(
                 f"estimate on this machine ({torch.get_num_threads()} thread(s)): training "
@@ -1470,7 +1485,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--save-steps", type=int, nargs="+", help="explicit checkpoint steps instead of the paper's"
     )
-    train.add_argument("--learning-rate", type=float, help="default: the trainer's for the mode")
+    train.add_argument("--learning-rate", type=float, help=f"default: {TOY_LEARNING_RATE} by mode")
     train.add_argument("--lora-rank", type=int, default=4)
     train.add_argument("--train-batch-size", type=int, default=1)
     train.add_argument("--train-seed", type=int, default=0)
@@ -1521,6 +1536,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     for name in ("instances", "seeds", "steps", "batch_size", "max_steps", "step_scale", "lora_rank"):
         if values[name] < 1:
             raise ExperimentError(f"--{name.replace('_', '-')} must be at least 1, got {values[name]}")
+    if values["learning_rate"] is None:
+        values["learning_rate"] = TOY_LEARNING_RATE[values["mode"]]
     if values["prompts"] is not None and values["prompts"] < 1:
         raise ExperimentError(f"--prompts must be at least 1, got {values['prompts']}")
     return Settings(**values)

@@ -42,6 +42,7 @@ import platform
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
@@ -394,16 +395,20 @@ class Models:
         from dreamblend.checkpoints import load_lora, load_unet
 
         self.unload()
-        for info in checkpoints:
-            if self.mode == "lora":
-                load_lora(self.pipe, self.base_unet, info.lora, f"step{info.step}", allow_pickle=False)
-                self.adapters.append(f"step{info.step}")
-            else:
-                self.unets[info.step] = load_unet(info.unet, torch_dtype=torch.float32)
+        with warnings.catch_warnings():  # many adapters on one UNet is the point here, not a mistake
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            for info in checkpoints:
+                if self.mode == "lora":
+                    load_lora(self.pipe, self.base_unet, info.lora, f"step{info.step}", allow_pickle=False)
+                    self.adapters.append(f"step{info.step}")
+                else:
+                    self.unets[info.step] = load_unet(info.unet, torch_dtype=torch.float32)
 
     def unload(self) -> None:
         if self.adapters:
-            self.base_unet.delete_adapters(self.adapters)
+            with warnings.catch_warnings():  # every adapter goes, the active one included
+                warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+                self.base_unet.delete_adapters(self.adapters)
             self.adapters = []
         self.unets = {0: self.base_unet}
         self.pipe.register_modules(unet=self.base_unet, guidance_unet=None)
@@ -503,8 +508,9 @@ class Counts:
 class Experiment:
     """One run: settings, plan and folders, and the stages that fill them."""
 
-    def __init__(self, s: Settings) -> None:
+    def __init__(self, s: Settings, argv: Sequence[str] = ()) -> None:
         self.s = s
+        self.argv = list(argv)
         self.plan = make_plan(s)
         self.points = plan_points(self.plan, s)
         self.subjects = [get_subject(name) for name in s.subjects]
@@ -1068,7 +1074,7 @@ class Experiment:
         _write_json(
             self.s.out / "run.json",
             {
-                "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+                "command": ["python", "-m", "dreamblend.toyworld.experiment", *self.argv],
                 "started": started,
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "device": device_name(),
@@ -1548,7 +1554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = parse_settings(argv)
         if settings.threads is not None:
             torch.set_num_threads(settings.threads)
-        return Experiment(settings).run()
+        return Experiment(settings, sys.argv[1:] if argv is None else argv).run()
     except ExperimentError as exc:
         print(f"experiment: error: {exc}", file=sys.stderr)
         return 2

@@ -1438,76 +1438,126 @@ def plot_checkpoint_choice(
 # ---------------------------------------------------------------------------------------------- command line
 
 
+def _default(name: str) -> str:
+    """An option's defaults as help text: "(default 2; smoke 1)"."""
+
+    def show(value: Any) -> str:
+        return (" ".join(map(str, value)) or "none") if isinstance(value, list) else str(value)
+
+    full, smoke = FULL_DEFAULTS[name], SMOKE_DEFAULTS[name]
+    return f"(default {show(full)})" if full == smoke else f"(default {show(full)}; smoke {show(smoke)})"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dreamblend.toyworld.experiment",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Outputs, resuming and the use of two cores: the module's docstring.",
     )
     add = parser.add_argument
-    add("--out", type=Path, help=f"output folder (full runs default to {DEFAULT_OUT}; --smoke needs one)")
-    add(
-        "--smoke",
-        action="store_true",
-        help="toy-scale run for CI (see the module docs); other options override it",
-    )
+    add("--out", type=Path, metavar="DIR", help=f"output folder (default {DEFAULT_OUT}; --smoke needs one)")
+    add("--smoke", action="store_true", help="toy-scale run for CI; options given here override its values")
     add("--dry-run", action="store_true", help="print the plan and the time estimate, then stop")
-    add("--base", type=Path, help="base model folder (default: the shipped toy model)")
+    add("--base", type=Path, metavar="DIR", help="base model folder (default: the shipped toy model)")
     add(
         "--metrics-model",
         type=Path,
-        help="world-encoder folder for the toy metrics (default: the shipped one)",
+        metavar="DIR",
+        help="world encoder of the toy metrics (default: shipped)",
     )
-    add("--subjects", nargs="+", choices=[s.name for s in SUBJECTS], help="subjects (default: all)")
-    add("--instances", type=int, help="instance photos per subject (4-6 as in DreamBooth)")
-    add("--prompts", type=int, help="evaluation prompts per subject (default: all of them)")
-    add("--seeds", type=int, help="seeds per prompt and operating point")
-    add("--steps", type=int, help="DDIM sampling steps")
-    add("--batch-size", type=int, help="images per pipeline call")
-    add("--threads", type=int, help="torch CPU threads (default: torch's)")
-    train = parser.add_argument_group("fine-tuning")
-    train.add_argument(
-        "--mode", choices=("lora", "full"), help="DreamBooth with LoRA adapters or the full UNet"
+    subjects = [s.name for s in SUBJECTS]
+    add(
+        "--subjects",
+        nargs="+",
+        choices=subjects,
+        metavar="NAME",
+        help=f"of {', '.join(subjects)} (default all)",
     )
-    train.add_argument("--max-steps", type=int, help="training steps")
-    train.add_argument(
-        "--step-scale", type=int, help="multiply the paper's checkpoint and edit steps by this"
+    add("--instances", type=int, metavar="N", help=f"instance photos per subject {_default('instances')}")
+    add("--prompts", type=int, metavar="N", help="evaluation prompts per subject (default all; smoke 2)")
+    add("--seeds", type=int, metavar="N", help=f"seeds per prompt and operating point {_default('seeds')}")
+    add("--steps", type=int, metavar="N", help=f"DDIM sampling steps {_default('steps')}")
+    add("--batch-size", type=int, metavar="N", help=f"images per pipeline call {_default('batch_size')}")
+    add("--threads", type=int, metavar="N", help="torch CPU threads (default torch's; smoke 1)")
+    train = parser.add_argument_group("fine-tuning").add_argument
+    train("--mode", choices=("lora", "full"), help="DreamBooth with LoRA or on the full UNet (default lora)")
+    train("--max-steps", type=int, metavar="N", help=f"training steps {_default('max_steps')}")
+    train(
+        "--step-scale",
+        type=int,
+        metavar="K",
+        help="multiply the paper's checkpoint and edit steps (default 1)",
     )
-    train.add_argument(
-        "--save-steps", type=int, nargs="+", help="explicit checkpoint steps instead of the paper's"
+    train("--save-steps", type=int, nargs="+", metavar="STEP", help="checkpoint steps instead of the paper's")
+    rates = ", ".join(f"{mode} {rate:g}" for mode, rate in TOY_LEARNING_RATE.items())
+    train("--learning-rate", type=float, metavar="LR", help=f"(default by mode: {rates})")
+    train("--lora-rank", type=int, default=4, metavar="R", help="(default 4)")
+    train("--train-batch-size", type=int, default=1, metavar="N", help="(default 1)")
+    train("--train-seed", type=int, default=0, metavar="N", help="(default 0)")
+    blend = parser.add_argument_group("DreamBlend points").add_argument
+    blend(
+        "--edit-steps",
+        type=int,
+        nargs="+",
+        metavar="STEP",
+        help="edit checkpoints E (default the paper's 100 200, scaled; smoke 2 3)",
     )
-    train.add_argument("--learning-rate", type=float, help=f"default: {TOY_LEARNING_RATE} by mode")
-    train.add_argument("--lora-rank", type=int, default=4)
-    train.add_argument("--train-batch-size", type=int, default=1)
-    train.add_argument("--train-seed", type=int, default=0)
-    blend = parser.add_argument_group("DreamBlend points")
-    blend.add_argument(
-        "--edit-steps", type=int, nargs="+", help="edit checkpoints E (default: paper's 100 200, scaled)"
+    blend(
+        "--edit-cfg",
+        type=float,
+        nargs="+",
+        metavar="CFG",
+        help=f"CFG of each edit step; other steps take the nearest one's {_default('edit_cfg')}",
     )
-    blend.add_argument(
-        "--edit-cfg", type=float, nargs="+", help="CFG of each edit step (paper: 3.0 at 100, 2.0 at 200)"
+    blend(
+        "--alphas",
+        type=float,
+        nargs="+",
+        metavar="A",
+        help=f"alpha grid of every G/E pair {_default('alphas')}",
     )
-    blend.add_argument("--alphas", type=float, nargs="+", help="alpha grid of every G/E pair")
-    blend.add_argument(
-        "--sweep-alphas", type=float, nargs="*", help="further alphas at the fixed pair (Fig. 9)"
+    blend(
+        "--sweep-alphas",
+        type=float,
+        nargs="*",
+        metavar="A",
+        help=f"more alphas at the fixed pair, Fig. 9 {_default('sweep_alphas')}",
     )
-    blend.add_argument(
-        "--fixed-guidance", type=int, help="G of Figs. 9/10 (default 25, scaled; E: the last edit step)"
+    blend(
+        "--fixed-guidance",
+        type=int,
+        metavar="STEP",
+        help="G of Figs. 9 and 10, whose E is the last edit step (default 25, scaled; smoke 1)",
     )
-    blend.add_argument("--fixed-alpha", type=float, help="alpha of Fig. 10 (default: the middle of --alphas)")
-    analysis = parser.add_argument_group("analysis")
-    analysis.add_argument(
-        "--map-resolution", type=int, default=8, help="cross-attention map size read (r x r)"
+    blend("--fixed-alpha", type=float, metavar="A", help="alpha of Fig. 10 (default the middle of --alphas)")
+    analysis = parser.add_argument_group("analysis").add_argument
+    analysis(
+        "--map-resolution",
+        type=int,
+        default=8,
+        metavar="R",
+        help="cross-attention maps read: R x R layers (default 8)",
     )
-    analysis.add_argument("--map-steps", type=int, nargs="+", help="checkpoints shown in Fig. 3")
-    analysis.add_argument(
+    analysis(
+        "--map-steps",
+        type=int,
+        nargs="+",
+        metavar="STEP",
+        help="checkpoints in Fig. 3 (default 0, first, fixed G, edit steps, last)",
+    )
+    analysis(
         "--metrics",
         nargs=3,
         default=["toy_subject", "toy_prompt", "toy_diversity"],
         metavar=("SUBJECT", "PROMPT", "DIVERSITY"),
+        help="registered metrics of the three roles (default toy_subject toy_prompt toy_diversity)",
     )
-    analysis.add_argument(
-        "--extra-metrics", nargs="*", default=["toy_class", "toy_background"], help="more columns"
+    analysis(
+        "--extra-metrics",
+        nargs="*",
+        default=["toy_class", "toy_background"],
+        metavar="NAME",
+        help="more columns (default toy_class toy_background)",
     )
     add("--quiet", action="store_true", help="print nothing but errors")
     return parser

@@ -376,7 +376,6 @@ def train_base(args: argparse.Namespace) -> None:
                 ema=ema.shadow,
                 step=step,
                 seconds=seconds,
-                last_loss=loss.item(),
                 args=vars(args),
             )
             save_state(run, "base", state)
@@ -445,6 +444,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def logged(run: Path, stage: str, upto: int) -> tuple[float | None, list[list[float]]]:
+    """From RUN/log.jsonl: the last logged mean loss up to step `upto`, and each learning-rate change.
+
+    A single step's loss is too noisy to report; resumed stages may have changed the learning rate.
+    """
+    loss, changes = None, []
+    for line in (run / "log.jsonl").read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record["stage"] != stage or record["step"] > upto or "loss" not in record:
+            continue
+        loss = record["loss"]
+        if "lr" in record and (not changes or changes[-1][1] != record["lr"]):
+            changes.append([record["step"], record["lr"]])
+    return loss, changes
+
+
 def export(args: argparse.Namespace) -> None:
     """Write the float16 pipeline folder and its training record, replacing the destination at once."""
     run = Path(args.run)
@@ -460,11 +475,14 @@ def export(args: argparse.Namespace) -> None:
         "lr": state["args"]["lr"],
         "seed": state["args"]["seed"],
         "seconds": round(state["seconds"], 1),
-        "final_loss": state["last_loss"],
+        "final_loss": logged(run, "base", state["step"])[0],
+        "lr_at_step": logged(run, "base", state["step"])[1],
         "ema_decay": _EMA_DECAY,
         "vae_steps": vae_state["step"],
         "vae_batch_size": vae_state["args"]["batch_size"],
         "vae_seconds": round(vae_state["seconds"], 1),
+        "vae_final_loss": logged(run, "vae", vae_state["step"])[0],
+        "vae_lr_at_step": logged(run, "vae", vae_state["step"])[1],
         "scaling_factor": pipe.vae.config.scaling_factor,
         "device": f"cpu: {cpu_model()}",
         "threads": state["args"]["threads"],

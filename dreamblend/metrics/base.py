@@ -22,7 +22,8 @@ class Metric(ABC):
 
     ``score`` gets every image of one subject (for diversity: of one prompt), the prompt each was
     generated from (with the rare token, e.g. "a sks dog on the beach") and the subject's real
-    images. Implementations batch internally and return float64 scores in image order.
+    images; it checks them once and hands a non-empty set to :meth:`compute`, which subclasses
+    write. Implementations batch internally and return float64 scores in image order.
     """
 
     name: ClassVar[str]
@@ -30,14 +31,23 @@ class Metric(ABC):
     role: ClassVar[Role]
     needs_references: ClassVar[bool] = False
 
-    @abstractmethod
     def score(
         self,
         images: Sequence[Image.Image],
         prompts: Sequence[str],
         references: Sequence[Image.Image] = (),
     ) -> np.ndarray:
-        """Scores of shape ``(len(images),)``."""
+        """Scores of shape ``(len(images),)``: the shared input checks, then :meth:`compute`."""
+        self.check_inputs(images, prompts, references)
+        if not images:
+            return np.zeros(0)
+        return self.compute(images, prompts, references)
+
+    @abstractmethod
+    def compute(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], references: Sequence[Image.Image]
+    ) -> np.ndarray:
+        """The metric itself, on a checked, non-empty image set."""
 
     def check_inputs(
         self, images: Sequence[Image.Image], prompts: Sequence[str], references: Sequence[Image.Image]

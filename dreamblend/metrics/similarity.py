@@ -77,15 +77,9 @@ class ReferenceSimilarity(Metric):
     def __init__(self, encoder: ImageEmbedder, masker: SubjectMasker | None = None) -> None:
         self.encoder, self.masker = encoder, masker
 
-    def score(
-        self,
-        images: Sequence[Image.Image],
-        prompts: Sequence[str],
-        references: Sequence[Image.Image] = (),
+    def compute(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], references: Sequence[Image.Image]
     ) -> np.ndarray:
-        self.check_inputs(images, prompts, references)
-        if not images:
-            return np.zeros(0)
         if self.masker is not None:
             word = self.masker.subject_word(prompts)
             images, references = self.masker(images, word), self.masker(references, word)
@@ -125,15 +119,9 @@ class CLIPTextSimilarity(Metric):
     def __init__(self, encoder: TextImageEmbedder, token: str | None = "sks") -> None:
         self.encoder, self.token = encoder, token
 
-    def score(
-        self,
-        images: Sequence[Image.Image],
-        prompts: Sequence[str],
-        references: Sequence[Image.Image] = (),
+    def compute(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], references: Sequence[Image.Image]
     ) -> np.ndarray:
-        self.check_inputs(images, prompts, references)
-        if not images:
-            return np.zeros(0)
         texts = [remove_token(prompt, self.token) for prompt in prompts]
         return paired_cosine(self.encoder.embed_images(images), self.encoder.embed_texts(texts))
 
@@ -151,13 +139,7 @@ class Diversity(Metric):
     def __init__(self, encoder: ImageEmbedder) -> None:
         self.encoder = encoder
 
-    def score(
-        self,
-        images: Sequence[Image.Image],
-        prompts: Sequence[str],
-        references: Sequence[Image.Image] = (),
+    def compute(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], references: Sequence[Image.Image]
     ) -> np.ndarray:
-        self.check_inputs(images, prompts, references)
-        if not images:
-            return np.zeros(0)
         return mean_pairwise_distance(self.encoder.embed_images(images), prompts)

@@ -283,15 +283,9 @@ class _WorldMetric(Metric):
     def __init__(self, model: WorldModel) -> None:
         self.model = model
 
-    def score(
-        self,
-        images: Sequence[Image.Image],
-        prompts: Sequence[str],
-        references: Sequence[Image.Image] = (),
+    def compute(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], references: Sequence[Image.Image]
     ) -> np.ndarray:
-        self.check_inputs(images, prompts, references)
-        if not images:
-            return np.zeros(0)
         return self._score(self.model.read(images), prompts, references)
 
     @abstractmethod

@@ -295,7 +295,7 @@ def test_metrics_registered_by_another_module_plug_in(run, evaluate, tmp_path, m
         "class Brightness(Metric):\n"
         "    name = 'toy_brightness'\n"
         "    role = 'subject'\n\n"
-        "    def score(self, images, prompts, references=()):\n"
+        "    def compute(self, images, prompts, references):\n"
         "        return np.array([np.asarray(im.convert('L')).mean() / 255 for im in images])\n\n\n"
         "register_metric('toy_brightness', lambda context: Brightness())\n"
     )

@@ -154,8 +154,7 @@ class ConstantMetric(Metric):
     def __init__(self, value: float) -> None:
         self.value = value
 
-    def score(self, images, prompts, references=()):
-        self.check_inputs(images, prompts, references)
+    def compute(self, images, prompts, references):
         return np.full(len(images), self.value)
 
 

@@ -1,9 +1,14 @@
 """End-to-end DreamBlend benchmark: guided steps and whole images against the peers of DESIGN §6.
 
-Every configuration (model x dtype x workload x batch x peer) runs in this one process on one
-device with the same inputs, and appends one JSON line (schema: :mod:`benchmarks.schema`) to the
-results file as soon as it is measured, so an interrupted run keeps what it finished. A
-configuration that runs out of memory is recorded as ``"oom"`` and the run goes on.
+Every configuration (model x dtype x workload x batch x peer) runs on one device with the same
+inputs, and appends one JSON line (schema: :mod:`benchmarks.schema`) to the results file as soon as
+it is measured, so an interrupted run keeps what it finished. A configuration that runs out of
+memory is recorded as ``"oom"`` and the run goes on.
+
+On CUDA every configuration runs in this process (the allocator's peak counter is reset per
+configuration). On CPU (``--isolate``, the default there outside ``--smoke``) each configuration
+runs in a fresh child process that builds G and E itself, so its peak resident memory belongs to
+that configuration alone and no peer inherits another's heap or allocator history.
 
     python -m benchmarks.e2e                      # full matrix on the default device
     python -m benchmarks.e2e --smoke              # tiny models on CPU in well under a minute
@@ -120,6 +125,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--fail-fast", action="store_true", help="stop at the first error instead of recording it"
     )
+    parser.add_argument(
+        "--threads", type=int, help="torch intra-op threads (default: torch's; --smoke on CPU: 1)"
+    )
+    parser.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        help="one child process per configuration, recording its peak RSS (default: on for CPU "
+        "outside --smoke; CUDA records allocator peaks in-process)",
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one isolated configuration
     args = parser.parse_args(argv)
     for key, value in (SMOKE if args.smoke else FULL).items():
         if getattr(args, key, None) is None:
@@ -131,6 +146,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("batches, steps and repeats must be positive")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    if args.isolate is None:
+        args.isolate = torch.device(args.device).type == "cpu" and not args.smoke
     return args
 
 
@@ -164,6 +183,17 @@ def _version(package: str) -> str | None:
         return None
 
 
+def cpu_name() -> str:
+    """The CPU model as the kernel reports it (``platform.processor()`` says only "x86_64" on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def environment(device: torch.device, smoke: bool) -> dict[str, Any]:
     """Fields shared by every record of this run: what ran where, on which code."""
     cuda = device.type == "cuda"
@@ -174,8 +204,10 @@ def environment(device: torch.device, smoke: bool) -> dict[str, Any]:
         "smoke": smoke,
         "device": {
             "type": device.type,
-            "name": torch.cuda.get_device_name(device) if cuda else (platform.processor() or "cpu"),
+            "name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
             "total_memory_bytes": torch.cuda.get_device_properties(device).total_memory if cuda else None,
+            "cpu_count": os.cpu_count() or 1,
+            "threads": torch.get_num_threads(),
         },
         "versions": {
             "python": platform.python_version(),
@@ -228,6 +260,26 @@ def _weight_bytes(unet: UNet2DConditionModel) -> int:
     return sum(t.numel() * t.element_size() for t in (*unet.parameters(), *unet.buffers()))
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    """``VmRSS``/``VmHWM`` of this process from /proc (Linux), in bytes; None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's resident-set high-water mark (VmHWM) at the current RSS (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5", encoding="ascii")
+    except OSError:
+        return False
+    return True
+
+
 def _release(device: torch.device) -> None:
     """Return a finished configuration's memory (hook closures form cycles) so the next starts clean."""
     if device.type == "cuda":  # on CPU nothing is measured, and a full collection costs ~0.5 s
@@ -261,6 +313,11 @@ def measure(
             return image(run, steps)
 
         static = torch.cuda.memory_allocated(device) if cuda else 0
+        # CPU, one configuration per process: the peak RSS from here on is this configuration's
+        # (both UNets' weights and the inputs, which are resident now, plus what the steps need).
+        track_rss = not cuda and args.worker and reset_peak_rss()
+        if track_rss:
+            static = _proc_status_bytes("VmRSS") or 0
         for _ in range(args.warmup):  # compiles, autotunes and fills allocator caches at these shapes
             one_step()
         if cuda:
@@ -275,6 +332,14 @@ def measure(
             "peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
             "static_allocated_bytes": static,
             "unet_weight_bytes": _weight_bytes(models[0]),
+            "source": "cuda_allocator",
+        }
+    elif track_rss and (peak := _proc_status_bytes("VmHWM")) is not None:
+        memory = {
+            "peak_allocated_bytes": peak,
+            "static_allocated_bytes": static,
+            "unet_weight_bytes": _weight_bytes(models[0]),
+            "source": "peak_rss",
         }
     images_per_s = batch * 1e3 / timing["median_ms"] if workload == "image" else None
     return {"status": "ok", "error": None, "timing": timing, "memory": memory, "images_per_s": images_per_s}
@@ -320,7 +385,8 @@ def describe(record: dict[str, Any]) -> str:
     timing, memory = record["timing"], record["memory"]
     text = f"{where}: {timing['median_ms']:.1f} ms [{timing['min_ms']:.1f}, {timing['max_ms']:.1f}]"
     if memory:
-        text += f", peak {memory['peak_allocated_bytes'] / 2**30:.2f} GiB"
+        what = "RSS" if memory.get("source") == "peak_rss" else ""
+        text += f", peak {what} {memory['peak_allocated_bytes'] / 2**30:.2f} GiB".replace("  ", " ")
     return text
 
 
@@ -328,11 +394,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the matrix; exit status 1 if any configuration failed with an error (OOM is a result)."""
     args = parse_args(argv)
     threads = torch.get_num_threads()
-    if args.smoke and args.device == "cpu":
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif args.smoke and args.device == "cpu":
         # Speed is not measured here; one thread avoids OpenMP workers spinning on a busy CI machine.
         torch.set_num_threads(1)
     try:
-        return run_matrix(args)
+        return run_worker(args) if args.worker else run_matrix(args)
     finally:
         torch.set_num_threads(threads)
 
@@ -349,6 +417,42 @@ def build_pair(
         return None, _not_measured("oom", f"building G and E: {_first_line(exc)}")
 
 
+_WORKER_RESULT = "e2e-worker-result: "
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """``--worker``: build G and E, measure the one configuration named by ``args``, print its fields."""
+    device = torch.device(args.device)
+    spec = ALL_MODELS[args.models[0]]
+    (workload, steps), batch, peer = configurations(args)[0], args.batches[0], PEERS[args.peers[0]]
+    models, fields = build_pair(spec, DTYPES[args.dtypes[0]], device)
+    if models is not None:
+        fields = guarded(partial(measure, peer, models, spec, batch, workload, steps, args), args.fail_fast)
+    print(_WORKER_RESULT + json.dumps(fields), flush=True)
+    return 0
+
+
+def isolated(
+    args: argparse.Namespace, model: str, dtype: str, workload: str, steps: int, batch: int, peer: str
+) -> dict[str, Any]:
+    """One configuration's fields, measured by a fresh ``--worker`` process."""
+    argv = [sys.executable, "-m", "benchmarks.e2e", "--worker", "--models", model, "--dtypes", dtype]
+    argv += ["--workloads", workload, "--steps", str(steps), "--batches", str(batch), "--peers", peer]
+    argv += ["--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+    argv += ["--image-repeats", str(args.image_repeats), "--guidance-scale", str(args.guidance_scale)]
+    argv += ["--device", args.device, "--threads", str(torch.get_num_threads()), "--out", os.devnull]
+    if args.fail_fast:
+        argv.append("--fail-fast")
+    env = {**os.environ, "BENCH_GIT_REVISION": git_revision()}
+    result = subprocess.run(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(_WORKER_RESULT)]
+    if result.returncode != 0 or not lines:
+        # A worker killed for memory (SIGKILL from the kernel's OOM killer) ran out of memory.
+        status = "oom" if result.returncode == -9 else "error"
+        return _not_measured(status, f"worker process exited with status {result.returncode}")
+    return json.loads(lines[-1][len(_WORKER_RESULT) :])
+
+
 def run_matrix(args: argparse.Namespace) -> int:
     """Measure and append every configuration of ``args``; 1 if any of them failed with an error."""
     device = torch.device(args.device)
@@ -363,7 +467,8 @@ def run_matrix(args: argparse.Namespace) -> int:
     print(f"appending to {args.out}", flush=True)
     for model_name, dtype_name in itertools.product(args.models, args.dtypes):
         spec = ALL_MODELS[model_name]
-        models, failed = build_pair(spec, DTYPES[dtype_name], device)
+        # Isolated configurations build their own models in their worker processes.
+        models, failed = (None, None) if args.isolate else build_pair(spec, DTYPES[dtype_name], device)
         for (workload, steps), batch, peer in itertools.product(configurations(args), args.batches, peers):
             if time.monotonic() > deadline:
                 print("time budget spent: stopping before the next configuration", flush=True)
@@ -373,6 +478,8 @@ def run_matrix(args: argparse.Namespace) -> int:
                 fields = _not_measured("unavailable", reason)
             elif failed is not None:
                 fields = failed
+            elif args.isolate:
+                fields = isolated(args, model_name, dtype_name, workload, steps, batch, peer.name)
             else:
                 run = partial(measure, peer, models, spec, batch, workload, steps, args)
                 fields = guarded(run, args.fail_fast)

@@ -35,6 +35,17 @@ def _nullable(properties: dict[str, Any]) -> dict[str, Any]:
     return {**_object(properties), "type": ["object", "null"]}
 
 
+def _with_optional(
+    required: dict[str, Any], optional: dict[str, Any], nullable: bool = False
+) -> dict[str, Any]:
+    """Like :func:`_object`, plus fields that records written before they existed lack."""
+    schema = _object(required)
+    schema["properties"] = {**required, **optional}
+    if nullable:
+        schema["type"] = ["object", "null"]
+    return schema
+
+
 RESULT_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "dreamblend end-to-end benchmark record",
@@ -45,12 +56,17 @@ RESULT_SCHEMA: dict[str, Any] = {
             "date": _TEXT,
             "git_revision": _TEXT,
             "smoke": {"type": "boolean"},
-            "device": _object(
+            "device": _with_optional(
                 {
                     "type": {"enum": ["cuda", "cpu"]},
                     "name": _TEXT,
                     "total_memory_bytes": {**_BYTES, "type": ["integer", "null"]},
-                }
+                },
+                {
+                    # CPU runs: logical CPUs of the machine and the intra-op threads torch used
+                    "cpu_count": _COUNT,
+                    "threads": _COUNT,
+                },
             ),
             "versions": _object(
                 {
@@ -83,12 +99,18 @@ RESULT_SCHEMA: dict[str, Any] = {
                     "timer": {"enum": ["cuda_events", "perf_counter"]},
                 }
             ),
-            "memory": _nullable(
+            "memory": _with_optional(
                 {
                     "peak_allocated_bytes": _BYTES,
                     "static_allocated_bytes": _BYTES,
                     "unet_weight_bytes": _BYTES,
-                }
+                },
+                {
+                    # what "allocated" means: the CUDA caching allocator's counters, or (CPU) the
+                    # resident set of a process that ran this one configuration
+                    "source": {"enum": ["cuda_allocator", "peak_rss"]},
+                },
+                nullable=True,
             ),
             "images_per_s": {"type": ["number", "null"], "minimum": 0},
         }

@@ -146,3 +146,20 @@ def test_models_that_do_not_fit_are_recorded_as_oom(tmp_path: Path, monkeypatch:
     ours, triton = read_records(out)
     assert ours["status"] == "oom" and ours["error"].startswith("building G and E: CUDA out of memory")
     assert triton["status"] == "unavailable"
+
+
+def test_isolated_cpu_configurations_record_peak_rss(tmp_path: Path) -> None:
+    """--isolate: one child process per configuration, each recording its own peak resident memory."""
+    out = tmp_path / "isolated.jsonl"
+    argv = ["--models", "tiny-sd", "--dtypes", "float32", "--batches", "1", "--workloads", "step"]
+    argv += ["--peers", "floor", "ours_torch", "--warmup", "1", "--repeats", "1", "--threads", "1"]
+    assert e2e.main([*argv, "--device", "cpu", "--isolate", "--out", str(out)]) == 0
+    records = read_records(out)
+    assert [r["peer"] for r in records] == ["floor", "ours_torch"]
+    for record in records:
+        validate(record)
+        memory = record["memory"]
+        assert record["status"] == "ok" and memory["source"] == "peak_rss"
+        peak, static = memory["peak_allocated_bytes"], memory["static_allocated_bytes"]
+        assert peak >= static > 2 * memory["unet_weight_bytes"]
+        assert record["device"]["threads"] == 1 and record["device"]["cpu_count"] >= 1

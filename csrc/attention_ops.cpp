@@ -7,6 +7,13 @@
 // that several tiles feed (the loss, dK, dV) are written per tile and summed in tile order, so
 // results are bitwise reproducible and do not depend on how tiles are spread over threads.
 //
+// q, k, v and d_out are read in place with any batch/head/row strides as long as D is contiguous:
+// diffusers hands over (B, H, M, D) views of (B, M, H * D) projections, and copying them to
+// (B, H, M, D) order would cost a full pass. out and dQ are written in (B, M, H, D) memory order
+// (returned as (B, H, M, D) views), which is the order the attention processor reshapes them to.
+// The common case (per-head maps of every token) fuses the map, loss and map-gradient work into the
+// probability rows instead of going through a separate (rows, T) map tile.
+//
 // Registered as ops in the `dreamblend_cpp` namespace; autograd is wired on the Python side.
 
 #include <ATen/Dispatch.h>
@@ -67,18 +74,44 @@ at::Tensor mat(const T* data, int64_t rows, int64_t cols) {
                        at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
 
-// The op inputs in the compute dtype, contiguous, with the token columns as int64 indices.
+// The same with a leading dimension (row stride) `ld` >= cols: a BLAS operand read or written in place.
+template <typename T>
+at::Tensor mat(const T* data, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// A (B, H, rows, D) operand with arbitrary batch/head/row strides and unit stride along D.
+template <typename T>
+struct Strided {
+  T* data = nullptr;
+  int64_t sb = 0, sh = 0, sr = 0;
+
+  T* at(int64_t b, int64_t h, int64_t r) const { return data + b * sb + h * sh + r * sr; }
+  explicit operator bool() const { return data != nullptr; }
+};
+
+template <typename T>
+Strided<T> strided(const at::Tensor& t) {
+  if (!t.defined()) return {};
+  return {const_cast<T*>(t.const_data_ptr<T>()), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// The op inputs in the compute dtype (D contiguous, other strides as given), with the token
+// columns as int64 indices. `fused`: per-head maps of all N tokens in order, so a map row is a
+// probability row and the map work runs on the probabilities directly.
 template <typename T>
 struct Inputs {
   Shape s;
   T scale;
   const int64_t* tokens;
-  const T* q;
-  const T* k;
-  const T* v;
+  bool fused;
+  Strided<T> q, k, v;
 
-  int64_t row(int64_t b, int64_t h, int64_t r) const { return ((b * s.H + h) * s.M + r) * s.D; }
-  int64_t key(int64_t b, int64_t h) const { return (b * s.H + h) * s.N * s.D; }
+  // (rows, D) rows of q from row r, and the (N, D) keys/values of one head.
+  at::Tensor q_rows(int64_t b, int64_t h, int64_t r, int64_t rows) const { return mat(q.at(b, h, r), rows, s.D, q.sr); }
+  at::Tensor keys(int64_t b, int64_t h) const { return mat(k.at(b, h, 0), s.N, s.D, k.sr); }
+  at::Tensor values(int64_t b, int64_t h) const { return mat(v.at(b, h, 0), s.N, s.D, v.sr); }
 };
 
 // P for every head of the tile's group, stacked (group * rows, N): softmax(scale * q k^T) per row.
@@ -88,8 +121,7 @@ void tile_probs(const Inputs<T>& in, const Tile& t, T* scores, T* probs) {
   auto sc = mat(scores, t.rows, s.N);
   for (int64_t j = 0; j < s.group; ++j) {
     const int64_t h = t.h0 + j;
-    at::addmm_out(sc, sc, mat(in.q + in.row(t.b, h, t.r0), t.rows, s.D), mat(in.k + in.key(t.b, h), s.N, s.D).t(),
-                  /*beta=*/0, /*alpha=*/in.scale);
+    at::addmm_out(sc, sc, in.q_rows(t.b, h, t.r0, t.rows), in.keys(t.b, h).t(), /*beta=*/0, /*alpha=*/in.scale);
     auto p = mat(probs + j * t.rows * s.N, t.rows, s.N);
     at::_softmax_out(p, sc, 1, false);
   }
@@ -112,27 +144,35 @@ void tile_map(const Inputs<T>& in, const Tile& t, const T* probs, T* map) {
 // Forward over all tiles: writes out, and either the maps (capture) or one L1 partial per tile
 // against ref (guided; maps are never written).
 template <typename T>
-void forward(const Inputs<T>& in, T* out, T* maps, const T* ref, double* loss_parts) {
+void forward(const Inputs<T>& in, const Strided<T>& out, T* maps, const T* ref, double* loss_parts) {
   const Shape& s = in.s;
   at::parallel_for(0, s.tiles(), 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    std::vector<T> scores(kTileRows * s.N), probs(s.group * kTileRows * s.N), map(maps ? 0 : kTileRows * s.T);
+    const bool map_tile = !in.fused && !maps;  // the guided loss reads a separate map tile
+    std::vector<T> scores(kTileRows * s.N), probs(s.group * kTileRows * s.N), map(map_tile ? kTileRows * s.T : 0);
     for (int64_t i = begin; i < end; ++i) {
       const Tile t = locate(s, i);
-      tile_probs(in, t, scores.data(), probs.data());
+      // Fused capture: the probability rows are the map rows, so softmax writes into the maps.
+      T* p = in.fused && maps ? maps + t.map_offset : probs.data();
+      tile_probs(in, t, scores.data(), p);
       for (int64_t j = 0; j < s.group; ++j) {
-        auto o = mat(out + in.row(t.b, t.h0 + j, t.r0), t.rows, s.D);
-        at::mm_out(o, mat(probs.data() + j * t.rows * s.N, t.rows, s.N), mat(in.v + in.key(t.b, t.h0 + j), s.N, s.D));
+        const int64_t h = t.h0 + j;
+        auto o = mat(out.at(t.b, h, t.r0), t.rows, s.D, out.sr);
+        at::mm_out(o, mat(p + j * t.rows * s.N, t.rows, s.N), in.values(t.b, h));
       }
       if (maps) {
-        tile_map(in, t, probs.data(), maps + t.map_offset);
+        if (!in.fused) tile_map(in, t, p, maps + t.map_offset);
         continue;
       }
-      tile_map(in, t, probs.data(), map.data());
+      const T* tile = p;  // fused: the map rows are the probability rows (T == N)
+      if (!in.fused) {
+        tile_map(in, t, p, map.data());
+        tile = map.data();
+      }
       // Each row sums in vector lanes, rows add up in double: one long float sum would drift.
       double acc = 0;
       for (int64_t r = 0; r < t.rows; ++r) {
-        const T* a = map.data() + r * s.T;
+        const T* a = tile + r * s.T;
         const T* b = ref + t.map_offset + r * s.T;
         T row = 0;
 #pragma omp simd reduction(+ : row)
@@ -147,12 +187,12 @@ void forward(const Inputs<T>& in, T* out, T* maps, const T* ref, double* loss_pa
 // Gradients flowing into the backward; null pointers for the ones that are absent or not wanted.
 template <typename T>
 struct Grads {
-  const T* d_out;   // (B, H, M, D)
-  const T* d_maps;  // capture: gradient of the maps
-  const T* ref;     // guided: reference maps, with d_loss (B,)
+  Strided<T> d_out;  // (B, H, M, D), any row strides
+  const T* d_maps;   // capture: gradient of the maps
+  const T* ref;      // guided: reference maps, with d_loss (B,)
   const T* d_loss;
-  T* dq;        // (B, H, M, D)
-  T* dk_parts;  // (B * H, chunks, N, D) per-tile partials
+  Strided<T> dq;     // (B, H, M, D), written in (B, M, H, D) memory order
+  T* dk_parts;       // (B * H, chunks, N, D) per-tile partials
   T* dv_parts;
 };
 
@@ -171,11 +211,13 @@ void backward(const Inputs<T>& in, const Grads<T>& g) {
       const Tile t = locate(s, i);
       const int64_t elems = t.rows * s.T;
       tile_probs(in, t, scores.data(), probs.data());
+      // Fused guided backward: the L1 sign is formed per probability row below, no map tile.
+      const bool fused_l1 = in.fused && g.d_loss;
       if (g.d_maps) {
         // A head-mean map spreads its gradient over the heads with weight 1/H.
         const T inv_group = T(1) / T(s.group);
         for (int64_t x = 0; x < elems; ++x) e[x] = g.d_maps[t.map_offset + x] * inv_group;
-      } else if (g.d_loss) {
+      } else if (g.d_loss && !fused_l1) {
         // d|A - ref|/dP = sign(A - ref) / H in both map modes (mean over heads of the loss, or of A).
         tile_map(in, t, probs.data(), e.data());
         const T w = g.d_loss[t.b] / T(s.H);
@@ -190,37 +232,55 @@ void backward(const Inputs<T>& in, const Grads<T>& g) {
         T* dp = d_probs.data();
         auto dp_mat = mat(dp, t.rows, s.N);
         if (g.d_out) {
-          at::mm_out(dp_mat, mat(g.d_out + in.row(t.b, h, t.r0), t.rows, s.D),
-                     mat(in.v + in.key(t.b, h), s.N, s.D).t());
+          at::mm_out(dp_mat, mat(g.d_out.at(t.b, h, t.r0), t.rows, s.D, g.d_out.sr), in.values(t.b, h).t());
         } else {
           std::fill(d_probs.begin(), d_probs.end(), T(0));
         }
-        if (has_map_grad) {
+        if (fused_l1) {
+          // dP += sign(P - ref) * d_loss / H; Delta = rowsum(P * dP); dS = P * (dP - Delta), in place.
+          const T w = g.d_loss[t.b] / T(s.H);
+          const T* ref_tile = g.ref + t.map_offset;
+          for (int64_t r = 0; r < t.rows; ++r) {
+            const T* pr = p + r * s.N;
+            const T* rr = ref_tile + r * s.N;
+            T* dr = dp + r * s.N;
+            T delta = 0;
+#pragma omp simd reduction(+ : delta)
+            for (int64_t n = 0; n < s.N; ++n) {
+              const T diff = pr[n] - rr[n];
+              const T d = dr[n] + T((diff > 0) - (diff < 0)) * w;
+              dr[n] = d;
+              delta += pr[n] * d;
+            }
+#pragma omp simd
+            for (int64_t n = 0; n < s.N; ++n) dr[n] = pr[n] * (dr[n] - delta);
+          }
+        } else if (has_map_grad) {
           for (int64_t r = 0; r < t.rows; ++r) {
             for (int64_t c = 0; c < s.T; ++c) dp[r * s.N + in.tokens[c]] += e[r * s.T + c];  // repeats add up
           }
         }
-        for (int64_t r = 0; r < t.rows; ++r) {
+        for (int64_t r = 0; r < t.rows && !fused_l1; ++r) {
           const T* pr = p + r * s.N;
           T* dr = dp + r * s.N;
           T delta = 0;
 #pragma omp simd reduction(+ : delta)
           for (int64_t n = 0; n < s.N; ++n) delta += pr[n] * dr[n];
+#pragma omp simd
           for (int64_t n = 0; n < s.N; ++n) dr[n] = pr[n] * (dr[n] - delta);  // dS, in place
         }
         const int64_t part = ((t.b * s.H + h) * s.chunks + t.chunk) * s.N * s.D;
         if (g.dq) {
-          auto dq = mat(g.dq + in.row(t.b, h, t.r0), t.rows, s.D);
-          at::addmm_out(dq, dq, dp_mat, mat(in.k + in.key(t.b, h), s.N, s.D), /*beta=*/0, /*alpha=*/in.scale);
+          auto dq = mat(g.dq.at(t.b, h, t.r0), t.rows, s.D, g.dq.sr);
+          at::addmm_out(dq, dq, dp_mat, in.keys(t.b, h), /*beta=*/0, /*alpha=*/in.scale);
         }
         if (g.dk_parts) {
           auto dk = mat(g.dk_parts + part, s.N, s.D);
-          at::addmm_out(dk, dk, dp_mat.t(), mat(in.q + in.row(t.b, h, t.r0), t.rows, s.D), /*beta=*/0,
-                        /*alpha=*/in.scale);
+          at::addmm_out(dk, dk, dp_mat.t(), in.q_rows(t.b, h, t.r0, t.rows), /*beta=*/0, /*alpha=*/in.scale);
         }
         if (g.dv_parts) {
           auto dv = mat(g.dv_parts + part, s.N, s.D);
-          at::mm_out(dv, mat(p, t.rows, s.N).t(), mat(g.d_out + in.row(t.b, h, t.r0), t.rows, s.D));
+          at::mm_out(dv, mat(p, t.rows, s.N).t(), mat(g.d_out.at(t.b, h, t.r0), t.rows, s.D, g.d_out.sr));
         }
       }
     }
@@ -254,9 +314,20 @@ at::Tensor sum_chunks(const at::Tensor& parts) {
 struct Prepared {
   Shape shape;
   at::ScalarType compute;
+  bool all_tokens;  // tokens are 0..N-1 in order
   at::Tensor q, k, v, tokens;
 
   at::Tensor as_compute(const at::Tensor& t) const { return t.to(compute).contiguous(); }
+  // (B, H, rows, D) operands are read in place when D is contiguous (and converted only for half inputs).
+  at::Tensor as_compute_rows(const at::Tensor& t) const {
+    at::Tensor c = t.to(compute);
+    return c.stride(3) == 1 ? c : c.contiguous();
+  }
+  // (B, H, M, D) in (B, M, H, D) memory order: the layout the attention processor reshapes to.
+  at::Tensor new_rows() const {
+    const Shape& s = shape;
+    return at::empty({s.B, s.M, s.H, s.D}, q.options()).transpose(1, 2);
+  }
   std::vector<int64_t> map_sizes() const {
     const Shape& s = shape;
     return s.head_mean ? std::vector<int64_t>{s.B, s.M, s.T} : std::vector<int64_t>{s.B, s.H, s.M, s.T};
@@ -268,8 +339,8 @@ struct Prepared {
   }
   template <typename T>
   Inputs<T> inputs(double scale) const {
-    return {shape, T(scale), tokens.const_data_ptr<int64_t>(), q.const_data_ptr<T>(), k.const_data_ptr<T>(),
-            v.const_data_ptr<T>()};
+    return {shape,       T(scale),         tokens.const_data_ptr<int64_t>(), all_tokens && !shape.head_mean,
+            strided<T>(q), strided<T>(k), strided<T>(v)};
   }
 };
 
@@ -290,12 +361,15 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   TORCH_CHECK(idx.dim() == 1 && idx.numel() > 0, "tokens must be a non-empty 1-D index tensor");
   TORCH_CHECK(idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < N, "token indices must lie in [0, ", N,
               ")");
+  bool all_tokens = idx.numel() == N;
+  const int64_t* ids = idx.const_data_ptr<int64_t>();
+  for (int64_t c = 0; c < idx.numel() && all_tokens; ++c) all_tokens = ids[c] == c;
   const int64_t group = head_mean ? H : 1;
   Prepared p{{B, H, M, N, D, idx.numel(), head_mean, group, (M + kTileRows - 1) / kTileRows},
-             compute_type(q)};
-  p.q = p.as_compute(q);
-  p.k = p.as_compute(k);
-  p.v = p.as_compute(v);
+             compute_type(q), all_tokens};
+  p.q = p.as_compute_rows(q);
+  p.k = p.as_compute_rows(k);
+  p.v = p.as_compute_rows(v);
   p.tokens = idx;
   return p;
 }
@@ -305,7 +379,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(const at::Tensor& q, 
                                                            const OptTensor& tokens, double scale, bool head_mean) {
   const Prepared p = prepare(q, k, v, tokens, head_mean);
   const Shape& s = p.shape;
-  auto out = at::empty({s.B, s.H, s.M, s.D}, p.q.options());
+  auto out = p.new_rows();
   at::Tensor maps, ref, loss_parts;
   if (ref_in.has_value()) {
     p.check_map(*ref_in, "ref");
@@ -315,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(const at::Tensor& q, 
     maps = at::empty(p.map_sizes(), p.q.options());
   }
   AT_DISPATCH_FLOATING_TYPES(p.compute, "dreamblend_forward", [&] {
-    forward<scalar_t>(p.inputs<scalar_t>(scale), out.mutable_data_ptr<scalar_t>(),
+    forward<scalar_t>(p.inputs<scalar_t>(scale), strided<scalar_t>(out),
                       maps.defined() ? maps.mutable_data_ptr<scalar_t>() : nullptr,
                       ref.defined() ? ref.const_data_ptr<scalar_t>() : nullptr,
                       loss_parts.defined() ? loss_parts.mutable_data_ptr<double>() : nullptr);
@@ -359,7 +433,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   at::Tensor dout_c, dmaps_c, ref_c, dloss_c;
   if (d_out.has_value()) {
     TORCH_CHECK(d_out->sizes() == q.sizes(), "d_out has shape ", d_out->sizes(), ", expected ", q.sizes());
-    dout_c = p.as_compute(*d_out);
+    dout_c = p.as_compute_rows(*d_out);
   }
   if (d_maps.has_value()) {
     p.check_map(*d_maps, "d_maps");
@@ -372,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     dloss_c = p.as_compute(*d_loss);
   }
   const auto opts = p.q.options();
-  auto dq = need_dq ? at::empty({s.B, s.H, s.M, s.D}, opts) : at::Tensor();
+  auto dq = need_dq ? p.new_rows() : at::Tensor();
   auto dk_parts = need_dk ? at::empty({s.B * s.H, s.chunks, s.N, s.D}, opts) : at::Tensor();
   // Without a gradient on out, dV = P^T dO is zero: nothing to compute.
   const bool run_dv = need_dv && dout_c.defined();
@@ -380,8 +454,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   AT_DISPATCH_FLOATING_TYPES(p.compute, "dreamblend_backward", [&] {
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
     auto mut = [](at::Tensor& t) { return t.defined() ? t.mutable_data_ptr<scalar_t>() : nullptr; };
-    backward<scalar_t>(p.inputs<scalar_t>(scale),
-                       {ptr(dout_c), ptr(dmaps_c), ptr(ref_c), ptr(dloss_c), mut(dq), mut(dk_parts), mut(dv_parts)});
+    backward<scalar_t>(p.inputs<scalar_t>(scale), {strided<scalar_t>(dout_c), ptr(dmaps_c), ptr(ref_c), ptr(dloss_c),
+                                                   strided<scalar_t>(dq), mut(dk_parts), mut(dv_parts)});
   });
   auto none = q.new_empty({0});
   auto dq_out = need_dq ? dq.to(q.scalar_type()) : none;

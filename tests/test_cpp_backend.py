@@ -231,3 +231,25 @@ def test_new_process_loads_the_cached_build_without_compiling():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "dreamblend.ops.cpp"
+
+
+@pytest.mark.parametrize("op", ["capture", "guided"])
+@pytest.mark.parametrize("tokens", [None, [0, 3, 3, -1]], ids=["all", "subset"])
+def test_processor_layout_views_are_read_in_place(op, tokens):
+    """q, k, v as diffusers hands them over: (B, H, M, D) views of (B, M, H * D) projections; out and
+    dQ come back in (B, M, H, D) memory order, so the processor's reshape needs no copy."""
+    b, h, m, n, d = 2, 3, 300, 9, 16
+    g = torch.Generator().manual_seed(5)
+
+    def heads(s):
+        return torch.randn(b, s, h * d, generator=g, dtype=torch.float64).view(b, s, h, d).transpose(1, 2)
+
+    q, k, v = heads(m).requires_grad_(), heads(n), heads(n)
+    ref = reference_map_with_margin(q, k, v, tokens, False) if op == "guided" else None
+    out, second, grads = run_op(op, "cpp", q, k, v, ref, tokens, False, "both")
+    q_c, k_c, v_c = q.detach().contiguous().requires_grad_(), k.contiguous(), v.contiguous()
+    out_r, second_r, grads_r = run_op(op, "torch", q_c, k_c, v_c, ref, tokens, False, "both")
+    assert out.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(out, out_r, **TOLERANCES[torch.float64])
+    torch.testing.assert_close(second, second_r, **MAP_TOLERANCES[torch.float64])
+    torch.testing.assert_close(grads[0], grads_r[0], **TOLERANCES[torch.float64])

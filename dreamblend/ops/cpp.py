@@ -151,16 +151,22 @@ def _map_shape(q: Tensor, k: Tensor, tokens: Tensor | None, head_mean: bool) -> 
     return (b, m, t) if head_mean else (b, h, m, t)
 
 
+def _rows_like(q: Tensor) -> Tensor:
+    """``(B, H, M, D)`` in ``(B, M, H, D)`` memory order, as the kernels write ``out`` and ``dq``."""
+    b, h, m, d = q.shape
+    return q.new_empty(b, m, h, d).transpose(1, 2)
+
+
 def _capture_fake(
     q: Tensor, k: Tensor, v: Tensor, tokens: Tensor | None, scale: float, head_mean: bool
 ) -> tuple[Tensor, Tensor]:
-    return q.new_empty(q.shape), q.new_empty(_map_shape(q, k, tokens, head_mean), dtype=compute_dtype(q))
+    return _rows_like(q), q.new_empty(_map_shape(q, k, tokens, head_mean), dtype=compute_dtype(q))
 
 
 def _guided_fake(
     q: Tensor, k: Tensor, v: Tensor, ref: Tensor, tokens: Tensor | None, scale: float, head_mean: bool
 ) -> tuple[Tensor, Tensor]:
-    return q.new_empty(q.shape), q.new_empty(q.shape[0], dtype=compute_dtype(q))
+    return _rows_like(q), q.new_empty(q.shape[0], dtype=compute_dtype(q))
 
 
 def _backward_fake(
@@ -181,7 +187,7 @@ def _backward_fake(
     def grad(like: Tensor, needed: bool) -> Tensor:
         return like.new_empty(like.shape if needed else (0,))
 
-    return grad(q, need_dq), grad(k, need_dk), grad(v, need_dv)
+    return _rows_like(q) if need_dq else q.new_empty(0), grad(k, need_dk), grad(v, need_dv)
 
 
 def _refuse_double_backward(ctx, *grads):

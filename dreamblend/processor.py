@@ -141,7 +141,9 @@ class DreamBlendProcessor:
             parts.insert(0, F.scaled_dot_product_attention(q[:start], k[:start], v[:start]))
         if stop < q.shape[0]:
             parts.append(F.scaled_dot_product_attention(q[stop:], k[stop:], v[stop:]))
-        return torch.cat(parts, dim=0)
+        # Joined in (B, M, H, D) order, the order the caller reshapes to (and the order SDPA and the
+        # C++ backend write): one copy here and none in the reshape.
+        return torch.cat([part.transpose(1, 2) for part in parts], dim=0).transpose(1, 2)
 
 
 @contextmanager

@@ -120,7 +120,48 @@ class HookedMaps:
             self._undo.append(linear.register_forward_hook(hook).remove)
 
 
-Capture = AttentionStore | HookedMaps
+class NoMaps:
+    """The compute floor of a guided step: no map is captured, and the "loss" is a zero-weighted sum of
+    every cross-attention layer's output, so E's conditional forward and its input-gradient backward
+    run through the same layers (SDPA everywhere) with no map, softmax recompute or L1 work at all."""
+
+    def __init__(self, unets: Sequence[nn.Module]) -> None:
+        self.maps: dict[str, Tensor] = {}
+        self.losses: dict[str, Tensor] = {}
+        self.mode = "off"
+        self._undo: list[Callable[[], object]] = []
+        for unet in unets:
+            for name, module in unet.named_modules():
+                if is_attention(module) and is_cross_attention(module):
+                    self._undo.append(module.register_forward_hook(partial(self._on_output, name)).remove)
+
+    @property
+    def loss(self) -> Tensor | None:
+        return torch.stack(list(self.losses.values())).sum(dim=0) if self.losses else None
+
+    @contextmanager
+    def record(self, rows: slice | None = None) -> Iterator[NoMaps]:
+        self.maps = {}
+        yield self
+
+    @contextmanager
+    def guide(self, ref_maps: Mapping[str, Tensor], rows: slice | None = None) -> Iterator[NoMaps]:
+        self.losses, self.mode = {}, "guide"
+        try:
+            yield self
+        finally:
+            self.mode = "off"
+
+    def close(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def _on_output(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if self.mode == "guide":
+            self.losses[name] = output.flatten(1).sum(dim=1) * 0.0
+
+
+Capture = AttentionStore | HookedMaps | NoMaps
 UNets = Sequence[UNet2DConditionModel]
 
 
@@ -143,6 +184,11 @@ def _recompute(unets: UNets, processor: type) -> HookedMaps:
     for unet in unets:
         unet.set_attn_processor(processor())
     return HookedMaps(unets, recompute=True)
+
+
+def _no_maps(unets: UNets) -> NoMaps:
+    _sdpa(unets)
+    return NoMaps(unets)
 
 
 def _ours(unets: UNets, backend: str) -> AttentionStore:
@@ -195,6 +241,13 @@ PEERS: dict[str, Peer] = {
         Peer("plain", "plain", _sdpa, "one UNet, classifier-free guidance, SDPA: a plain SD step/image"),
         Peer("floor", "unguided", _sdpa, "G and E CFG passes with SDPA, no capture or guidance"),
         Peer(
+            "guided_floor",
+            "guided",
+            _no_maps,
+            "the guided step's passes (E's conditional forward + input-gradient backward too), SDPA, "
+            "no maps or loss: the compute floor of a guided step",
+        ),
+        Peer(
             "eager",
             "guided",
             partial(_eager, every_layer=False),
@@ -244,6 +297,6 @@ def attached(peer: Peer, unets: UNets) -> Iterator[Capture | None]:
     try:
         yield capture
     finally:
-        if isinstance(capture, HookedMaps):
+        if isinstance(capture, (HookedMaps, NoMaps)):
             capture.close()
         _sdpa(unets)

@@ -15,7 +15,7 @@ from benchmarks.schema import RESULT_SCHEMA, SchemaError, validate
 from dreamblend.cli import main as cli_main
 
 # Peers that must run anywhere; the others depend on the device or on optional packages.
-PORTABLE = ("plain", "floor", "eager", "all_eager", "sdpa_recompute", "ours_torch")
+PORTABLE = ("plain", "floor", "guided_floor", "eager", "all_eager", "sdpa_recompute", "ours_torch")
 
 
 def read_records(path: Path) -> list[dict]:

@@ -73,6 +73,14 @@ def test_guided_peers_agree_with_ours(models, reference, peer: str) -> None:
     torch.testing.assert_close(got["x_e"], reference["x_e"], rtol=1e-6, atol=1e-6)
 
 
+def test_guided_floor_runs_the_guided_passes_without_moving_the_latent(models, reference) -> None:
+    """guided_floor does E's conditional forward and backward, but with a zero loss."""
+    got = guided_step(models, "guided_floor")
+    assert got["maps"] == {} and torch.count_nonzero(got["loss"]) == 0
+    assert torch.count_nonzero(got["grad"]) == 0
+    torch.testing.assert_close(got["x_g"], reference["x_g"], rtol=1e-6, atol=1e-6)
+
+
 def test_capture_does_not_change_the_models_outputs(models, reference) -> None:
     floor = guided_step(models, "floor")
     torch.testing.assert_close(floor["x_g"], reference["x_g"], rtol=1e-6, atol=1e-6)

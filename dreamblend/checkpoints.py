@@ -336,9 +336,14 @@ def load_lora(
             stacklevel=2,
         )
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("text_encoder", "lora_te"))}
-    pipe.load_lora_into_unet(
-        state_dict, alphas, unet=unet, adapter_name=name, metadata=metadata, _pipeline=pipe
-    )
+    with warnings.catch_warnings():
+        # G and E as two adapters of one UNet is the point of role adapters, not an accident.
+        warnings.filterwarnings(
+            "ignore", message="Already found a `peft_config` attribute", category=UserWarning
+        )
+        pipe.load_lora_into_unet(
+            state_dict, alphas, unet=unet, adapter_name=name, metadata=metadata, _pipeline=pipe
+        )
 
 
 def prepare_models(

@@ -1,4 +1,4 @@
-"""The README's main command: ``dreamblend demo`` runs the guided loop end to end and reports it."""
+"""The README's main command: ``dreamblend demo`` blends the shipped toy-world subject and reports it."""
 
 from __future__ import annotations
 
@@ -9,24 +9,42 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 
 from dreamblend.cli import build_parser, main
 
 
-def test_demo_runs_the_guided_loop_and_writes_its_report(tmp_path, capsys):
-    assert main(["demo", "--steps", "3", "--out", str(tmp_path), "--backend", "torch"]) == 0
+def test_demo_blends_the_shipped_subject_and_draws_its_maps(tmp_path, capsys):
+    """Offline on the shipped toy model: three rows (G, E alone, DreamBlend) of image + word maps per
+    prompt in one picture, and every role scored by the toy world's metrics."""
+    from PIL import Image
+
+    args = ["demo", "--steps", "3", "--seeds", "1", "--out", str(tmp_path), "--backend", "torch"]
+    assert main(args) == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["finite"] and report["steps"] == 3 and report["op_backend"] == "torch"
-    assert report["latent_l1_dreamblend_to_edit_alone"] > 0  # guidance changed E's result
-    for name in ("dreamblend", "guidance", "edit"):
-        assert (tmp_path / f"{name}.png").stat().st_size > 0
-    assert "DreamBlend demo" in capsys.readouterr().out
+    assert report["op_backend"] == "torch" and report["steps"] == 3 and len(report["prompts"]) == 2
+    for role in ("G (guidance)", "E alone", "DreamBlend"):
+        scores = report["scores"][role]
+        assert set(scores) == {"toy_subject", "toy_prompt", "toy_background"}
+        assert all(np.isfinite(v) for v in scores.values())
+    picture = Image.open(tmp_path / "demo.png")
+    # Two prompts, each a titled figure of 3 rows x (image + 3 words) panels: taller than wide.
+    assert picture.height > 1.5 * picture.width > 600
+    pixels = np.asarray(picture.convert("RGB"), dtype=np.float32)
+    assert pixels.std() > 20  # drawn images and heat maps, not a blank page
+    assert {p.name for p in tmp_path.iterdir()} == {"demo.png", "report.json"}
+    out = capsys.readouterr().out
+    assert "DreamBlend demo" in out and "E alone" in out
 
 
-def test_demo_rejects_zero_steps(tmp_path):
-    with pytest.raises(SystemExit, match="--steps must be at least 1"):
+def test_demo_rejects_bad_input(tmp_path):
+    with pytest.raises(SystemExit, match="--steps and --seeds must be at least 1"):
         main(["demo", "--steps", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="must name the subject"):
+        main(["demo", "--prompt", "a red ball in the snow", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not in the toy world's grammar"):
+        main(["demo", "--prompt", "a sks dog in the jungle", "--out", str(tmp_path)])
 
 
 def test_every_command_has_help(capsys):

@@ -169,10 +169,14 @@ def save_pipeline(
 ) -> Path:
     """Write `pipe` as a safetensors pipeline folder in `dtype`, leaving `pipe` itself untouched.
 
-    The copy is converted, not `pipe`, so a float32 training model is never rounded by saving it.
+    The copy is converted, not `pipe`, so a float32 training model is never rounded by saving it. The
+    text encoder stays float32: diffusers loads its own models as float32 whatever the files hold, but
+    transformers keeps a stored float16, and a plain ``from_pretrained`` on a CPU would then mix dtypes.
     """
     folder = Path(folder)
-    copy.deepcopy(pipe).to(dtype=dtype).save_pretrained(str(folder), safe_serialization=True)
+    saved = copy.deepcopy(pipe).to(dtype=dtype)
+    saved.text_encoder.to(torch.float32)
+    saved.save_pretrained(str(folder), safe_serialization=True)
     return folder
 
 

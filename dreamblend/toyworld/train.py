@@ -8,7 +8,8 @@ Stages, all writing into one run folder (keep it outside the repository):
 - ``base --out RUN``: text encoder and UNet jointly on the frozen VAE's latents: epsilon prediction on
   SD's DDPM schedule, 10 % empty captions for classifier-free guidance, EMA weights.
 - ``sample --run RUN``: a captioned DDIM grid from the current EMA weights (``RUN/samples-STEP.png``).
-- ``export --run RUN``: the float16 pipeline folder and ``training.json`` (default: the package's
+- ``export --run RUN``: the float16 pipeline folder and ``training.json`` with the model's caption
+  control measured (:mod:`dreamblend.toyworld.caption_control`; default destination: the package's
   ``dreamblend/toyworld/weights/base``).
 
 Randomness of step ``s`` (images, noise, timesteps, caption dropout) is a function of (seed, s) alone, so
@@ -32,9 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
+from dreamblend.toyworld import caption_control
 from dreamblend.toyworld.dataset import ToyWorldDataset, to_tensor
 from dreamblend.toyworld.model import (
     IMAGE_SIZE,
@@ -487,6 +489,10 @@ def export(args: argparse.Namespace) -> None:
         "device": f"cpu: {cpu_model()}",
         "threads": state["args"]["threads"],
         "torch": torch.__version__,
+        # Measured on what users load: the float16 files, run in float32.
+        "caption_control": caption_control.measure(
+            StableDiffusionPipeline.from_pretrained(str(tmp), torch_dtype=torch.float32)
+        ),
     }
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(dest, ignore_errors=True)

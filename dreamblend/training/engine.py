@@ -234,7 +234,9 @@ class Trainer(ABC):
         cfg = self.config
         try:
             with hub_errors(cfg.pretrained_model):
-                self.pipe = DiffusionPipeline.from_pretrained(cfg.pretrained_model)
+                # float32 masters whatever the files hold (transformers would keep a float16 text
+                # encoder as stored); mixed precision casts the frozen parts later.
+                self.pipe = DiffusionPipeline.from_pretrained(cfg.pretrained_model, torch_dtype=torch.float32)
         except ModelUnavailableError as exc:
             raise TrainingInputError(str(exc)) from None
         except (OSError, ValueError) as exc:

@@ -63,7 +63,7 @@ class CheckpointInfo:
             step=int(data["step"]),
             method=data["method"],
             mode=data["mode"],
-            base_model=data["base_model"],
+            base_model=_base_model(directory, data["base_model"]),
             token=data["token"],
             class_word=data["class"],
             prompt=data["prompt"],
@@ -72,6 +72,17 @@ class CheckpointInfo:
             embedding=file("embedding"),
             stage=data.get("stage"),
         )
+
+
+def _base_model(directory: Path, base_model: str) -> str:
+    """A base model path relative to the checkpoint folder (shipped trajectories) made absolute; else as is.
+
+    Relative paths are only taken where that folder holds a pipeline, so hub ids stay hub ids.
+    """
+    local = directory / base_model
+    if not Path(base_model).is_absolute() and (local / "model_index.json").is_file():
+        return str(local.resolve())
+    return base_model
 
 
 def read_checkpoint(path: str | Path) -> CheckpointInfo:

@@ -19,16 +19,13 @@ import safetensors
 import safetensors.torch
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
-from diffusers.utils import deprecation_utils
 from torch import Tensor
 
 from dreamblend.custom_diffusion import is_custom_diffusion_state_dict, load_custom_diffusion
-from dreamblend.hub import hub_errors
+from dreamblend.hub import DTYPE_KWARG, hub_errors
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 PathLike = str | os.PathLike
-# diffusers renamed from_pretrained's `torch_dtype` to `dtype`; older releases only know the former.
-_DTYPE_KEY = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
 
 def _pickle_refused(path: Path) -> ValueError:
@@ -153,7 +150,7 @@ def load_unet(
             str(spec),
             subfolder=subfolder,
             use_safetensors=None if allow_pickle else True,
-            **{_DTYPE_KEY: torch_dtype},
+            **{DTYPE_KWARG: torch_dtype},
         )
 
 
@@ -184,7 +181,7 @@ def load_pipeline(
         kwargs.setdefault("add_watermarker", False)
     with hub_errors(model):
         return cls.from_pretrained(
-            str(model), use_safetensors=None if allow_pickle else True, **{_DTYPE_KEY: torch_dtype}, **kwargs
+            str(model), use_safetensors=None if allow_pickle else True, **{DTYPE_KWARG: torch_dtype}, **kwargs
         )
 
 

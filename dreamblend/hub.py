@@ -12,7 +12,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from diffusers.utils import deprecation_utils
 from huggingface_hub import errors as hub
+
+# diffusers renamed from_pretrained's `torch_dtype` to `dtype`; older releases only know the former.
+DTYPE_KWARG = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
 
 class ModelUnavailableError(FileNotFoundError):

@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         help="prompt with the subject token (repeatable; default: two settings its photos never show)",
     )
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     parser.add_argument("--alpha", type=float, help="cross-attention guidance scale (default: the subject's)")
     parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the subject's)")
     parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
@@ -77,7 +77,9 @@ def _stack(paths: list[Path], out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from diffusers.utils import logging as diffusers_logging
     from PIL import Image
+    from transformers.utils import logging as transformers_logging
 
     import dreamblend.toyworld.metrics  # noqa: F401 - registers the toy metrics
     from dreamblend.analysis.maps import blend_word_maps, plot_word_maps
@@ -92,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.seeds < 1:
         raise SystemExit("--steps and --seeds must be at least 1")
     torch.set_num_threads(args.threads)
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     start = time.perf_counter()
     shipped = shipped_subject(args.subject)
     subject, record = shipped.subject, shipped.record

@@ -89,6 +89,8 @@ def measure(
     pipe.set_progress_bar_config(disable=True)
     result: dict[str, Any] = {"steps": steps, "cfg": cfg, "seeds": seeds, "chance": CHANCE}
     for name, texts in (("held_out", held_out_captions()), ("random", random_captions(captions))):
+        if not texts:
+            continue
         images, labels = generate(pipe, texts, seeds, steps, cfg)
         result[name] = {"images": len(images), **accuracies(images, labels, metrics_model)}
     return result

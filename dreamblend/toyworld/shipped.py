@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from dreamblend.toyworld.experiment import TOY_LEARNING_RATE
 from dreamblend.toyworld.model import WEIGHTS_DIR, base_model_path
 from dreamblend.toyworld.subjects import Subject, get_subject, instance_images
 from dreamblend.toyworld.vocab import BACKGROUNDS, SUBJECT_TOKEN
@@ -35,11 +36,10 @@ SUBJECT_FILE = "subject.json"
 DEFAULT_SUBJECT = "dotted_cube"
 INSTANCES = 5
 LORA_RANK = 4
-# Chosen from the toy-world experiment's trajectories (see the README's toy-world section).
-LEARNING_RATE = 1e-2
-DEFAULT_STEPS = (10, 25, 50, 100, 200)
-DEFAULT_GUIDANCE_STEP = 25
-DEFAULT_EDIT_STEP = 200
+LEARNING_RATE = TOY_LEARNING_RATE["lora"]
+DEFAULT_STEPS = (20, 50, 100, 200, 400)
+DEFAULT_GUIDANCE_STEP = 50
+DEFAULT_EDIT_STEP = 400
 DEFAULT_ALPHA = 0.1
 DEFAULT_CFG = 3.0
 DEFAULT_DEMO_SETTINGS = ("snow", "street")

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dreamblend.hub import ModelUnavailableError, hub_errors
+from dreamblend.hub import DTYPE_KWARG, ModelUnavailableError, hub_errors
 from dreamblend.training.data import (
     LatentBank,
     derive_seed,
@@ -236,7 +236,9 @@ class Trainer(ABC):
             with hub_errors(cfg.pretrained_model):
                 # float32 masters whatever the files hold (transformers would keep a float16 text
                 # encoder as stored); mixed precision casts the frozen parts later.
-                self.pipe = DiffusionPipeline.from_pretrained(cfg.pretrained_model, torch_dtype=torch.float32)
+                self.pipe = DiffusionPipeline.from_pretrained(
+                    cfg.pretrained_model, **{DTYPE_KWARG: torch.float32}
+                )
         except ModelUnavailableError as exc:
             raise TrainingInputError(str(exc)) from None
         except (OSError, ValueError) as exc:

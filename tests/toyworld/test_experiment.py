@@ -67,7 +67,11 @@ def run(tmp_path_factory) -> Path:
 def test_paper_schedule_edit_points_and_pairs():
     assert paper_steps(400) == [*range(5, 51, 5), *range(75, 401, 25)]
     assert paper_steps(800, scale=2) == [2 * s for s in paper_steps(400)]
-    settings = parse_settings(["--out", "unused"])
+    # The toy world's default is the paper's schedule stretched twice (its LoRA learns more slowly).
+    default = make_plan(parse_settings(["--out", "unused"]))
+    assert default.edit_steps == (200, 400) and default.fixed_guidance == 50
+    assert default.steps == tuple(paper_steps(400, scale=2))
+    settings = parse_settings(["--out", "unused", "--step-scale", "1"])
     plan = make_plan(settings)
     assert plan.edit_steps == (100, 200) and plan.edit_cfg == {100: 3.0, 200: 2.0}
     assert (plan.fixed_guidance, plan.fixed_edit, plan.fixed_alpha) == (25, 200, 0.1)
@@ -91,9 +95,9 @@ def test_paper_schedule_edit_points_and_pairs():
 @pytest.mark.parametrize(
     "options, message",
     [
-        (["--edit-steps", "90"], "edit steps"),
+        (["--edit-steps", "95"], "edit steps"),
         (["--edit-cfg", "3"], "--edit-cfg"),
-        (["--fixed-guidance", "200"], "--fixed-guidance"),
+        (["--fixed-guidance", "400"], "--fixed-guidance"),
         (["--alphas", "0"], "positive"),
         (["--max-steps", "150"], "edit steps"),
     ],

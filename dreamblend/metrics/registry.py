@@ -1,15 +1,18 @@
 """Metrics by name: ``build_metrics(["dino", "clip_t"], device="cuda")``; ``register_metric`` adds more.
 
 The eval command only knows names, so the benchmark's metrics and metrics registered elsewhere (the toy
-world's) plug in the same way. A factory gets one :class:`MetricContext` per ``build_metrics`` call;
-metrics built from one context share loaded models (CLIP-I and CLIP-T use one CLIP, DINO and diversity
-one DINO), so each model loads once.
+world's) plug in the same way: installed packages declare a registering function under the entry-point
+group ``dreamblend.metrics``, loaded the first time names are looked up. A factory gets one
+:class:`MetricContext` per ``build_metrics`` call; metrics built from one context share loaded models
+(CLIP-I and CLIP-T use one CLIP, DINO and diversity one DINO), so each model loads once.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
 import torch
@@ -116,8 +119,30 @@ def register_metric(name: str, factory: MetricFactory, *, replace: bool = False)
     _REGISTRY[name] = factory
 
 
+PLUGIN_GROUP = "dreamblend.metrics"
+_plugins_loaded = False
+
+
+def _load_plugins() -> None:
+    """Call each installed ``dreamblend.metrics`` entry point once; a broken one warns and is skipped."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for entry in entry_points(group=PLUGIN_GROUP):
+        try:
+            entry.load()()
+        except Exception as exc:  # noqa: BLE001 - one broken plugin must not take the built-in metrics down
+            warnings.warn(
+                f"metric plugin {entry.name!r} ({entry.value}) failed to load: {exc}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
 def available_metrics() -> list[str]:
-    """Names ``build_metrics`` accepts, sorted."""
+    """Names ``build_metrics`` accepts, sorted (built in, registered and from installed plugins)."""
+    _load_plugins()
     return sorted(_REGISTRY)
 
 
@@ -134,6 +159,7 @@ def build_metrics(
 
     ``device`` defaults to CUDA when available, else CPU.
     """
+    _load_plugins()
     unknown = [n for n in names if n not in _REGISTRY]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; available: {available_metrics()}")

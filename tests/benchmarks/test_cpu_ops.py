@@ -1,0 +1,34 @@
+"""The CPU op benchmark compares like with like: every implementation computes the same output, maps
+and gradient on the processor's (B, H, L, D) views."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import bench_cpu_ops
+from dreamblend.ops import available_backends
+
+pytestmark = pytest.mark.skipif("cpp" not in available_backends(), reason="the C++ extension is not built")
+UNCOMPILED = [name for name in bench_cpu_ops.IMPLS if name != "compiled"]
+
+
+def test_implementations_agree() -> None:
+    q, k, v, ref, d_out = bench_cpu_ops.make_problem(96, 3, 16, batch=2, dtype=torch.float64)
+    scale = 16**-0.5
+    capture = bench_cpu_ops.implementations("capture", scale)
+    guided = bench_cpu_ops.implementations("guided", scale)
+    out, maps = capture["torch"](q, k, v, ref, d_out)
+    dq = guided["torch"](q, k, v, ref, d_out)
+    for name in UNCOMPILED:
+        got_out, got_maps = capture[name](q, k, v, ref, d_out)
+        torch.testing.assert_close(got_out, out, msg=name)
+        if got_maps is not None:
+            torch.testing.assert_close(got_maps, maps, msg=name)
+    for name in ("cpp", "eager", "sdpa_recompute"):  # sdpa alone has no map loss
+        torch.testing.assert_close(guided[name](q, k, v, ref, d_out), dq, msg=name)
+
+
+def test_peak_bytes_measures_a_call() -> None:
+    peak = bench_cpu_ops.peak_bytes(lambda: torch.ones(64, 2**20).sum(), ())
+    assert peak is None or peak >= 0

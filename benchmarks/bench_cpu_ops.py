@@ -101,6 +101,7 @@ def implementations(kind: str, scale: float) -> dict[str, Callable]:
             ),
             "sdpa": lambda q, k, v, ref, d_out: (F.scaled_dot_product_attention(q, k, v), None),
         }
+
     def math_and_loss(q, k, v, ref):
         out, probs = _math(q, k, v, scale)
         return out, l1_map_loss(probs, ref, head_mean=False)

@@ -21,6 +21,8 @@ import torch
 
 ROLES = ("G (guidance)", "E alone", "DreamBlend")
 METRICS = ("toy_subject", "toy_prompt", "toy_background")
+# The toy UNet's 8x8 layers are where its words localize (the experiment's Fig. 3 reads them too).
+MAP_RESOLUTION = 8
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         help="prompt with the subject token (repeatable; default: two settings its photos never show)",
     )
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
+    parser.add_argument("--steps", type=int, default=15, help="DDIM steps (default 15)")
     parser.add_argument("--alpha", type=float, help="cross-attention guidance scale (default: the subject's)")
     parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the subject's)")
     parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from dreamblend.toyworld.model import base_model_path
     from dreamblend.toyworld.shipped import shipped_subject
     from dreamblend.toyworld.subjects import evaluation_prompts
-    from dreamblend.toyworld.vocab import SUBJECT_TOKEN
+    from dreamblend.toyworld.vocab import SUBJECT_TOKEN, parse_caption
 
     if args.steps < 1 or args.seeds < 1:
         raise SystemExit("--steps and --seeds must be at least 1")
@@ -101,8 +103,9 @@ def run(args: argparse.Namespace) -> int:
     subject, record = shipped.subject, shipped.record
     alpha = record["alpha"] if args.alpha is None else args.alpha
     cfg = record["cfg"] if args.cfg is None else args.cfg
+    settings = record["demo_settings"]
     prompts = args.prompt or [
-        p for p in evaluation_prompts(subject) if p.endswith(tuple(record["demo_settings"]))
+        p for p in evaluation_prompts(subject) if parse_caption(p).background in settings
     ]
     words = {p: _words(p, SUBJECT_TOKEN, subject.cls) for p in prompts}
     pipe, role_kwargs = load_dreamblend(
@@ -125,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
                 prompt,
                 words[prompt],
                 seed=seed,
+                resolution=MAP_RESOLUTION,
                 num_inference_steps=args.steps,
                 guidance_scale=cfg,
                 cross_attention_guidance_scale=alpha,

@@ -42,7 +42,7 @@ DEFAULT_GUIDANCE_STEP = 50
 DEFAULT_EDIT_STEP = 400
 DEFAULT_ALPHA = 0.1
 DEFAULT_CFG = 3.0
-DEFAULT_DEMO_SETTINGS = ("snow", "street")
+DEFAULT_DEMO_SETTINGS = ("grass", "brick")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@
 Reads JSONL records (default ``benchmarks/results/e2e.jsonl``); where a configuration was measured
 more than once, the latest record wins. Writes one PNG per model/dtype/workload (grouped bars per
 batch size, OOM marked) and one per model/dtype/batch for image length (memory must stay flat).
-Needs matplotlib (``pip install -e .[bench]``).
+Uses matplotlib (a core dependency).
 """
 
 from __future__ import annotations

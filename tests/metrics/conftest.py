@@ -82,3 +82,14 @@ def metric_models(tmp_path_factory) -> dict[str, str]:
     ViTImageProcessor(size={"height": SIZE, "width": SIZE}).save_pretrained(root / "clipseg")
     write_tiny_tokenizer_files(root / "clipseg")
     return {name: str(root / name) for name in ("clip", "dino", "clipseg")}
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """The metric registry as a copy a test may add to; installed plugins load into the original first,
+    or restoring it would drop them while the registry believes they are loaded."""
+    from dreamblend.metrics import registry
+
+    registry.available_metrics()
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    return registry

@@ -285,10 +285,7 @@ def test_command_errors_name_the_fix(run, run_copy, evaluate, tmp_path, capsys, 
           message="cannot load 'no-org/no-dino' from the Hugging Face Hub: offline mode")  # fmt: skip
 
 
-def test_metrics_registered_by_another_module_plug_in(run, evaluate, tmp_path, monkeypatch):
-    from dreamblend.metrics import registry
-
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+def test_metrics_registered_by_another_module_plug_in(run, evaluate, tmp_path, monkeypatch, scratch_registry):
     (tmp_path / "toy_metrics.py").write_text(
         "import numpy as np\n"
         "from dreamblend.metrics import Metric, register_metric\n\n\n"

@@ -158,10 +158,7 @@ class ConstantMetric(Metric):
         return np.full(len(images), self.value)
 
 
-def test_registered_metrics_are_built_by_name_with_the_context(monkeypatch):
-    from dreamblend.metrics import registry
-
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+def test_registered_metrics_are_built_by_name_with_the_context(monkeypatch, scratch_registry):
     seen: list[MetricContext] = []
 
     def factory(context: MetricContext) -> Metric:

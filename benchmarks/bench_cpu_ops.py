@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks.e2e import _proc_status_bytes, _version, cpu_name, git_revision, reset_peak_rss
+from benchmarks.e2e import _proc_status_bytes, _version, git_revision, reset_peak_rss
+from dreamblend.cpu_info import cpu_model
 from dreamblend.ops import reference, resolve_backend
 from dreamblend.ops.reference import compute_dtype, l1_map_loss
 
@@ -206,7 +207,7 @@ def environment(args: argparse.Namespace) -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_revision": git_revision(),
-        "device": {"type": "cpu", "name": cpu_name(), "cpu_count": os.cpu_count(), "threads": args.threads},
+        "device": {"type": "cpu", "name": cpu_model(), "cpu_count": os.cpu_count(), "threads": args.threads},
         "versions": {"torch": torch.__version__, "triton": _version("triton")},
     }
 

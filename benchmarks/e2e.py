@@ -53,6 +53,7 @@ from benchmarks.models import (
 from benchmarks.peers import PEERS, Peer, attached
 from benchmarks.schema import SCHEMA_VERSION, validate
 from benchmarks.workloads import Run, image, lockstep, sampler_for
+from dreamblend.cpu_info import cpu_model
 from dreamblend.pipelines.blend import resolve_alpha
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,17 +184,6 @@ def _version(package: str) -> str | None:
         return None
 
 
-def cpu_name() -> str:
-    """The CPU model as the kernel reports it (``platform.processor()`` says only "x86_64" on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
 def environment(device: torch.device, smoke: bool) -> dict[str, Any]:
     """Fields shared by every record of this run: what ran where, on which code."""
     cuda = device.type == "cuda"
@@ -204,7 +194,7 @@ def environment(device: torch.device, smoke: bool) -> dict[str, Any]:
         "smoke": smoke,
         "device": {
             "type": device.type,
-            "name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
+            "name": torch.cuda.get_device_name(device) if cuda else cpu_model(),
             "total_memory_bytes": torch.cuda.get_device_properties(device).total_memory if cuda else None,
             "cpu_count": os.cpu_count() or 1,
             "threads": torch.get_num_threads(),

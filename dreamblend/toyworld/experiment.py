@@ -71,6 +71,7 @@ from dreamblend.analysis.points import (
     plot_subjects,
 )
 from dreamblend.commands.generate import atomic_write, save_png
+from dreamblend.cpu_info import cpu_model
 from dreamblend.toyworld.subjects import SUBJECTS, Subject, evaluation_prompts, get_subject, instance_images
 from dreamblend.toyworld.vocab import BACKGROUND_PHRASES, SUBJECT_TOKEN, parse_caption
 
@@ -1111,14 +1112,8 @@ def _estimate(costs: dict[str, float], counts: Counts) -> dict[str, float]:
 
 
 def device_name() -> str:
-    """The CPU's model name (the runs are CPU runs), else the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    """The CPU's model name and core count (the runs are CPU runs)."""
+    return f"{cpu_model()} ({os.cpu_count()} cores)"
 
 
 # ---------------------------------------------------------------------------------------------- tables

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import time
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
+from dreamblend.cpu_info import cpu_model
 from dreamblend.toyworld import caption_control
 from dreamblend.toyworld.dataset import ToyWorldDataset, to_tensor
 from dreamblend.toyworld.model import (
@@ -434,16 +434,6 @@ def sample(args: argparse.Namespace) -> None:
     path = Path(args.image or run / f"samples-{state['step']}.png")
     caption_sheet(images, labels, args.per_prompt).save(path)
     print(path)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def logged(run: Path, stage: str, upto: int) -> tuple[float | None, list[list[float]]]:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dreamblend.cpu_info import cpu_model
 from dreamblend.toyworld.dataset import ToyWorldDataset
 from dreamblend.toyworld.metrics import (
     DEFAULT_WEIGHTS,
@@ -511,16 +512,6 @@ def validation_report(
 # ------------------------------------------------------------------------------------------------- CLI
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _default_vae(given: Path | None) -> Path | None:
     if given is not None:
         return given
@@ -569,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"--steps {config.steps}",
         **record,
         "threads": torch.get_num_threads(),
-        "cpu": _cpu(),
+        "cpu": cpu_model(),
         "torch": torch.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),

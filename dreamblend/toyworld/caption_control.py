@@ -62,15 +62,8 @@ def generate(
     return images, [caption for caption, _ in jobs]
 
 
-def accuracies(
-    images: Sequence[Any], captions: Sequence[str], metrics_model: str | None = None
-) -> dict[str, float]:
+def accuracies(images: Sequence[Any], captions: Sequence[str], metrics: Sequence[Any]) -> dict[str, float]:
     """Share of images whose class, colour and setting the world encoder reads as the caption's."""
-    from dreamblend.metrics import build_metrics
-    from dreamblend.toyworld.metrics import MODEL_KEY
-
-    models = {MODEL_KEY: metrics_model} if metrics_model else None
-    metrics = build_metrics([f"toy_{fact}" for fact in FACTS], models=models)
     return {
         fact: float(np.mean(m.score(images, captions, []))) for fact, m in zip(FACTS, metrics, strict=True)
     }
@@ -86,13 +79,18 @@ def measure(
     metrics_model: str | None = None,
 ) -> dict[str, Any]:
     """Accuracies on held-out and on `captions` random training-distribution captions, with the settings."""
+    from dreamblend.metrics import build_metrics
+    from dreamblend.toyworld.metrics import MODEL_KEY
+
+    models = {MODEL_KEY: metrics_model} if metrics_model else None
+    metrics = build_metrics([f"toy_{fact}" for fact in FACTS], models=models)  # one encoder for both sets
     pipe.set_progress_bar_config(disable=True)
     result: dict[str, Any] = {"steps": steps, "cfg": cfg, "seeds": seeds, "chance": CHANCE}
     for name, texts in (("held_out", held_out_captions()), ("random", random_captions(captions))):
         if not texts:
             continue
         images, labels = generate(pipe, texts, seeds, steps, cfg)
-        result[name] = {"images": len(images), **accuracies(images, labels, metrics_model)}
+        result[name] = {"images": len(images), **accuracies(images, labels, metrics)}
     return result
 
 

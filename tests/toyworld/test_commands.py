@@ -3,6 +3,7 @@ its folder exactly as on an SD1.5 folder (generate, batch, both trainers in both
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -93,5 +94,7 @@ def test_batch_then_eval_with_the_toy_metrics(tmp_path):
     metrics = ["toy_subject", "toy_prompt", "toy_diversity"]
     args = ["eval", str(tmp_path / "run"), "--references", str(references), "--metrics", *metrics]
     assert main([*args, "--out", str(tmp_path / "scores"), "--no-progress"]) == 0
-    files = {p.name for p in (tmp_path / "scores").iterdir()}
-    assert files, "eval wrote nothing"
+    with (tmp_path / "scores" / "scores.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 8  # 2 prompts x 2 seeds x 2 alphas
+    assert all(-1 <= float(row["toy_subject"]) <= 1 and 0 <= float(row["toy_prompt"]) <= 1 for row in rows)

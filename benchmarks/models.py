@@ -19,6 +19,7 @@ from torch import Tensor
 
 from dreamblend.pipelines.blend import Conditioning
 from dreamblend.testing import sd_ddim_scheduler, tiny_sd_components, tiny_sdxl_components
+from dreamblend.toyworld.model import WEIGHTS_DIR as TOYWORLD_BASE
 
 __all__ = [
     "MODELS",
@@ -99,6 +100,12 @@ def _tiny_config(kind: str, sample_size: int) -> dict[str, Any]:
     return dict(build(seed=0, sample_size=sample_size)["unet"].config)
 
 
+@functools.cache
+def _toyworld_config() -> dict[str, Any]:
+    """The shipped toy-world base UNet's architecture (timing needs its shapes, not its weights)."""
+    return dict(UNet2DConditionModel.load_config(TOYWORLD_BASE / "unet"))
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One benchmarked architecture: UNet config, image size and the sampler settings it needs."""
@@ -107,12 +114,14 @@ class ModelSpec:
     config: Callable[[], dict[str, Any]]
     resolution: int
     prediction_type: str = "epsilon"
+    vae_scale_factor: int = 8  # image pixels per latent pixel
 
 
 MODELS: dict[str, ModelSpec] = {
     "sd15": ModelSpec("sd15", lambda: SD15_UNET, 512),
     "sd21": ModelSpec("sd21", lambda: SD21_UNET, 768, prediction_type="v_prediction"),
     "sdxl": ModelSpec("sdxl", lambda: SDXL_UNET, 1024),
+    "toyworld": ModelSpec("toyworld", _toyworld_config, 64, vae_scale_factor=4),
 }
 SMOKE_MODELS: dict[str, ModelSpec] = {
     "tiny-sd": ModelSpec("tiny-sd", lambda: _tiny_config("sd", 8), 64),

@@ -9,6 +9,9 @@ Three backends implement the same contract and are chosen per call:
 - ``"torch"``: the reference, always available.
 
 ``"auto"`` takes triton on CUDA, cpp on CPU when built, else torch.
+
+Joint (MMDiT) attention, text and image tokens in one softmax, has its own pair of ops:
+``joint_capture_attention`` and ``joint_guided_attention`` (``dreamblend.ops.joint``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ __all__ = [
     "available_backends",
     "capture_attention",
     "guided_attention",
+    "joint_capture_attention",
+    "joint_guided_attention",
     "register_backend",
     "resolve_backend",
     "resolved_backend_name",
@@ -180,3 +185,7 @@ def guided_attention(
         )
     ref = ref.to(device=q.device, dtype=reference.compute_dtype(q))
     return resolve_backend(backend, q).guided_attention(q, k, v, ref, scale, idx, head_mean)
+
+
+# Re-exported last: joint.py builds on the helpers above.
+from dreamblend.ops.joint import joint_capture_attention, joint_guided_attention  # noqa: E402

@@ -1,4 +1,4 @@
-"""JeDi's inpainting formulation: the UNet input ``[x_t, x0 * (1 - mask), mask]`` and the base-model converter.
+"""JeDi's inpainting formulation: the UNet input ``[x_t, x0 * (1 - mask), mask]`` and the converter.
 
 JeDi casts personalization as inpainting over an image set: known images (the references, mask 0)
 enter as clean latents ``x0``, unknown ones (mask 1) as zeros, and the per-image mask is a channel of

@@ -12,7 +12,12 @@ namespace folder it only becomes ``dreamblend.kernels`` through the package mapp
 """
 
 try:
-    from dreamblend.kernels.ops import capture_attention, guided_attention
+    from dreamblend.kernels.ops import (
+        capture_attention,
+        guided_attention,
+        joint_capture_attention,
+        joint_guided_attention,
+    )
 except ImportError as exc:  # no triton, or a torch without torch.library.triton_op
     AVAILABLE = False
     UNAVAILABLE_REASON = f"the Triton kernels cannot be loaded: {exc}"
@@ -20,9 +25,16 @@ except ImportError as exc:  # no triton, or a torch without torch.library.triton
     def _unavailable(*args, **kwargs):
         raise RuntimeError(UNAVAILABLE_REASON)
 
-    capture_attention = guided_attention = _unavailable
+    capture_attention = guided_attention = joint_capture_attention = joint_guided_attention = _unavailable
 else:
     AVAILABLE = True
     UNAVAILABLE_REASON = ""
 
-__all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "capture_attention", "guided_attention"]
+__all__ = [
+    "AVAILABLE",
+    "UNAVAILABLE_REASON",
+    "capture_attention",
+    "guided_attention",
+    "joint_capture_attention",
+    "joint_guided_attention",
+]

@@ -1,8 +1,10 @@
 """DreamBlend: cross-attention guided blending of an underfit and an overfit personalization checkpoint.
 
 Entry points: :class:`AttentionStore` + :class:`DreamBlendProcessor` (drop-in attention processor
-for diffusers UNets), :func:`attach`, the op API in :mod:`dreamblend.ops`, and the pipelines
-:class:`DreamBlendPipeline` (SD1.x/2.x) and :class:`DreamBlendXLPipeline` (SDXL).
+for diffusers UNets), :func:`attach`, :class:`SD3DreamBlendProcessor` and
+:class:`FluxDreamBlendProcessor` for MMDiT transformers (:func:`dreamblend.mmdit.attach`), the op
+API in :mod:`dreamblend.ops`, and the pipelines :class:`DreamBlendPipeline` (SD1.x/2.x) and
+:class:`DreamBlendXLPipeline` (SDXL).
 """
 
 from typing import Any
@@ -17,12 +19,15 @@ __all__ = [
     "DreamBlendPipelineOutput",
     "DreamBlendProcessor",
     "DreamBlendXLPipeline",
+    "FluxDreamBlendProcessor",
+    "SD3DreamBlendProcessor",
     "attach",
 ]
 __version__ = "0.1.0"
 quiet.install()
 
 _PIPELINES = ("DreamBlendPipeline", "DreamBlendPipelineOutput", "DreamBlendXLPipeline")
+_MMDIT = ("FluxDreamBlendProcessor", "SD3DreamBlendProcessor")
 
 
 def __getattr__(name: str) -> Any:
@@ -31,4 +36,8 @@ def __getattr__(name: str) -> Any:
         from dreamblend import pipelines
 
         return getattr(pipelines, name)
+    if name in _MMDIT:  # imports diffusers' transformer models: also on first use
+        from dreamblend import mmdit
+
+        return getattr(mmdit, name)
     raise AttributeError(f"module 'dreamblend' has no attribute {name!r}")

@@ -9,7 +9,7 @@ residual, ``rescale_output_factor``) follow the stock processor line for line.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -117,12 +117,7 @@ class DreamBlendProcessor:
     def _attend(self, attn: nn.Module, plan: LayerPlan, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """The captured/guided attention core; rows outside ``plan.rows`` run plain SDPA."""
         store = self.store
-        rows = plan.rows or slice(None)
-        start, stop, _ = rows.indices(q.shape[0])
-        if stop <= start:
-            raise ValueError(
-                f"layer {plan.name!r}: rows={plan.rows} selects no sample of a batch of {q.shape[0]}"
-            )
+        start, stop = plan_rows(plan, q.shape[0])
         sel = (q[start:stop], k[start:stop], v[start:stop])
         # The store validated and cached the token indices on this device: straight to the backend, so
         # no per-layer check reads a device tensor back (a host sync on CUDA).
@@ -134,16 +129,29 @@ class DreamBlendProcessor:
             ref = store.check_ref(plan, sel[0], k.shape[2])
             out, result = backend.guided_attention(*sel, ref, attn.scale, plan.tokens, store.head_mean)
         store.put(plan, result)
-        if (start, stop) == (0, q.shape[0]):
-            return out
-        parts = [out]
-        if start > 0:
-            parts.insert(0, F.scaled_dot_product_attention(q[:start], k[:start], v[:start]))
-        if stop < q.shape[0]:
-            parts.append(F.scaled_dot_product_attention(q[stop:], k[stop:], v[stop:]))
-        # Joined in (B, M, H, D) order, the order the caller reshapes to (and the order SDPA and the
-        # C++ backend write): one copy here and none in the reshape.
-        return torch.cat([part.transpose(1, 2) for part in parts], dim=0).transpose(1, 2)
+        return join_rows(out, q, k, v, start, stop)
+
+
+def plan_rows(plan: LayerPlan, batch: int) -> tuple[int, int]:
+    """The ``[start, stop)`` batch rows a plan captures (all by default); a layer-named error if none."""
+    start, stop, _ = (plan.rows or slice(None)).indices(batch)
+    if stop <= start:
+        raise ValueError(f"layer {plan.name!r}: rows={plan.rows} selects no sample of a batch of {batch}")
+    return start, stop
+
+
+def join_rows(out: Tensor, q: Tensor, k: Tensor, v: Tensor, start: int, stop: int) -> Tensor:
+    """``out``, rows ``[start, stop)`` of a ``(B, H, M, D)`` attention, plus plain SDPA on the rest."""
+    if (start, stop) == (0, q.shape[0]):
+        return out
+    parts = [out]
+    if start > 0:
+        parts.insert(0, F.scaled_dot_product_attention(q[:start], k[:start], v[:start]))
+    if stop < q.shape[0]:
+        parts.append(F.scaled_dot_product_attention(q[stop:], k[stop:], v[stop:]))
+    # Joined in (B, M, H, D) order, the order the callers reshape to (and the order SDPA and the
+    # C++ backend write): one copy here and none in the reshape.
+    return torch.cat([part.transpose(1, 2) for part in parts], dim=0).transpose(1, 2)
 
 
 @contextmanager
@@ -153,6 +161,18 @@ def attach(model: nn.Module, store: AttentionStore | None = None) -> Iterator[At
     The previous processors (whatever they were: stock, LoRA-aware, user-made) are restored on
     exit, also when the block raises. Yields the store (a fresh one if none is given).
     """
+    with installed(model, store, DreamBlendProcessor) as store:
+        yield store
+
+
+@contextmanager
+def installed(
+    model: nn.Module, store: AttentionStore | None, processor: Callable[[AttentionStore], object]
+) -> Iterator[AttentionStore]:
+    """Install ``processor(store)`` on every attention layer of ``model`` for the block (see :func:`attach`).
+
+    One processor instance serves every layer; the model's previous processors come back on exit.
+    """
     store = AttentionStore() if store is None else store
     if not hasattr(model, "set_attn_processor") or not hasattr(model, "attn_processors"):
         raise TypeError(
@@ -160,7 +180,7 @@ def attach(model: nn.Module, store: AttentionStore | None = None) -> Iterator[At
         )
     previous = dict(model.attn_processors)
     store.bind(model)
-    model.set_attn_processor(DreamBlendProcessor(store))
+    model.set_attn_processor(processor(store))
     try:
         yield store
     finally:

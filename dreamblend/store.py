@@ -23,6 +23,7 @@ from dreamblend.tokens import TokenSelection, has_words, resolve_tokens, selecti
 
 LayerSpec = str | int
 CROSS_ATTENTION_EXAMPLE = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+JOINT_ATTENTION_EXAMPLE = "transformer_blocks.0.attn"
 
 
 def in_backward_pass() -> bool:
@@ -42,6 +43,23 @@ def is_attention(module: nn.Module) -> bool:
 
 def is_cross_attention(module: nn.Module) -> bool:
     return bool(getattr(module, "is_cross_attention", False))
+
+
+def is_joint_attention(module: nn.Module) -> bool:
+    """MMDiT attention (SD3, FLUX) over image and text tokens together: where those models' maps live.
+
+    Double-stream layers project the text with their own ``add_k_proj`` (``added_kv_proj_dim``); FLUX's
+    single-stream layers receive text and image as one sequence and have no output projection
+    (``pre_only``). SD3.5's extra image-only ``attn2`` has neither.
+    """
+    if not is_attention(module) or is_cross_attention(module):
+        return False
+    return getattr(module, "added_kv_proj_dim", None) is not None or bool(getattr(module, "pre_only", False))
+
+
+def takes_text(module: nn.Module) -> bool:
+    """Whether an attention layer's keys hold text tokens (the layers a store can select)."""
+    return is_cross_attention(module) or is_joint_attention(module)
 
 
 @dataclass(frozen=True)
@@ -155,28 +173,37 @@ class AttentionStore:
         return self.selected_layers(model)
 
     def _check_patterns(self, attention: list[tuple[str, nn.Module]]) -> None:
-        cross = [name for name, mod in attention if is_cross_attention(mod)]
+        cross = [name for name, mod in attention if takes_text(mod)]
         if not cross:
             return  # a model part without cross-attention (e.g. a VAE) is not an error
+        joint = any(is_joint_attention(mod) for _, mod in attention)
         for pattern in self.layers or ():
             if not isinstance(pattern, str):
                 continue
             if any(self._matches(pattern, name) for name in cross):
                 continue
             self_attn = [
-                name
-                for name, mod in attention
-                if not is_cross_attention(mod) and self._matches(pattern, name)
+                name for name, mod in attention if not takes_text(mod) and self._matches(pattern, name)
             ]
             if self_attn:
                 raise ValueError(
                     f"layer pattern {pattern!r} selects self-attention layer(s) such as {self_attn[0]!r}; "
-                    "maps are captured on cross-attention layers only (names ending in 'attn2')"
+                    + (
+                        "maps are captured on the joint text-image attention layers only (names ending in "
+                        "'.attn')"
+                        if joint
+                        else "maps are captured on cross-attention layers only (names ending in 'attn2')"
+                    )
                 )
+            example, glob, prefix = (
+                (JOINT_ATTENTION_EXAMPLE, "single_transformer_blocks.*", "transformer_blocks.1")
+                if joint
+                else (CROSS_ATTENTION_EXAMPLE, "up_blocks.*", "mid_block")
+            )
             raise ValueError(
-                f"layer pattern {pattern!r} matches no cross-attention layer; names look like "
-                f"{cross[0]!r} ({len(cross)} layers, e.g. {CROSS_ATTENTION_EXAMPLE!r}); "
-                "use a glob such as 'up_blocks.*' or a dotted prefix such as 'mid_block'"
+                f"layer pattern {pattern!r} matches no {'text' if joint else 'cross'}-attention layer; names "
+                f"look like {cross[0]!r} ({len(cross)} layers, e.g. {example!r}); "
+                f"use a glob such as {glob!r} or a dotted prefix such as {prefix!r}"
             )
 
     @staticmethod
@@ -198,7 +225,7 @@ class AttentionStore:
 
     def selected_layers(self, model: nn.Module) -> list[str]:
         """Names of ``model``'s cross-attention layers selected by name patterns (ints need a forward)."""
-        names = [n for n, m in model.named_modules() if is_attention(m) and is_cross_attention(m)]
+        names = [n for n, m in model.named_modules() if is_attention(m) and takes_text(m)]
         return [n for n in names if self.selects(n)]
 
     def name_of(self, attn: nn.Module) -> str | None:
@@ -280,13 +307,18 @@ class AttentionStore:
 
     # ----------------------------------------------------------------- processor side
     def plan(
-        self, attn: nn.Module, num_queries: int, num_keys: int, device: torch.device
+        self, attn: nn.Module, num_queries: int, num_keys: int, device: torch.device, joint: bool = False
     ) -> LayerPlan | None:
-        """What to do in ``attn`` for this call, or None to run plain attention."""
+        """What to do in ``attn`` for this call, or None to run plain attention.
+
+        ``joint``: the caller is an MMDiT processor; then ``num_queries`` counts the image positions,
+        ``num_keys`` the text ones, and only joint-attention layers take part.
+        """
         if self.mode == "off":
             return None
         name = self._names.get(attn)
-        if name is None or not is_cross_attention(attn) or not self.selects(name, num_queries):
+        kind = is_joint_attention if joint else is_cross_attention
+        if name is None or not kind(attn) or not self.selects(name, num_queries):
             return None
         tokens = self._tokens_for(num_keys, device)
         ref = None
@@ -299,10 +331,15 @@ class AttentionStore:
                 )
         return LayerPlan(name, self.mode, tokens, ref, self._rows, write=not in_backward_pass())
 
-    def check_ref(self, plan: LayerPlan, q: Tensor, num_keys: int) -> Tensor:
-        """The plan's reference map on q's device in the compute dtype; a layer-named error if misshapen."""
+    def check_ref(self, plan: LayerPlan, q: Tensor, num_keys: int, num_queries: int | None = None) -> Tensor:
+        """The plan's reference map on q's device in the compute dtype; a layer-named error if misshapen.
+
+        ``num_queries``: the map's query positions when not all of q's (joint maps hold image queries only).
+        """
         n_tok = num_keys if plan.tokens is None else plan.tokens.numel()
         expected = map_shape(q, n_tok, self.head_mean)
+        if num_queries is not None:
+            expected = (*expected[:-2], num_queries, n_tok)
         ref = plan.ref
         if tuple(ref.shape) != expected:
             raise ValueError(

@@ -1,4 +1,4 @@
-"""``dreamblend train {dreambooth,attndreambooth}``: fine-tune and write a checkpoint trajectory.
+"""``dreamblend train {dreambooth,attndreambooth,jedi}``: fine-tune and write a checkpoint trajectory.
 
 Several GPUs: ``accelerate launch -m dreamblend.cli train dreambooth ...``.
 """
@@ -39,8 +39,13 @@ def _per_stage(cast: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
     return parse
 
 
-def _add_common(parser: argparse.ArgumentParser, token: str, batch_size: int) -> None:
-    """Options every method shares; options left unset keep the training config's defaults."""
+def _add_common(
+    parser: argparse.ArgumentParser, token: str | None, batch_size: int, *, subject: bool = True
+) -> None:
+    """Options every method shares; options left unset keep the training config's defaults.
+
+    ``subject=False`` (JeDi) leaves out the one-subject inputs (instance folder, class, token).
+    """
     req = parser.add_argument_group("required")
     req.add_argument(
         "--model",
@@ -49,11 +54,17 @@ def _add_common(parser: argparse.ArgumentParser, token: str, batch_size: int) ->
         required=True,
         help="base diffusers pipeline: folder or hub id",
     )
-    req.add_argument("--instance-dir", metavar="DIR", required=True, help="folder with the subject's images")
-    req.add_argument("--class", dest="class_word", metavar="WORD", required=True, help="the subject's class")
+    if subject:
+        req.add_argument(
+            "--instance-dir", metavar="DIR", required=True, help="folder with the subject's images"
+        )
+        req.add_argument(
+            "--class", dest="class_word", metavar="WORD", required=True, help="the subject's class"
+        )
     req.add_argument("--output", dest="output_dir", metavar="DIR", required=True, help="run folder")
     opt = parser.add_argument_group("common options")
-    opt.add_argument("--token", help=f"identifier token (default {token!r})")
+    if token is not None:
+        opt.add_argument("--token", help=f"identifier token (default {token!r})")
     opt.add_argument(
         "--save-at", help="'paper' (every 5 steps to 50, then every 25 to 1000) or steps like 5,10,100"
     )
@@ -161,14 +172,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--backend", help="attention op backend: auto, triton, cpp, torch (default auto)")
     adb.set_defaults(func=run)
 
+    from dreamblend.jedi.options import add_jedi_arguments
+
+    jedi = methods.add_parser(
+        "jedi",
+        help="JeDi: a joint-image model for finetuning-free personalization, trained on image sets",
+        description="Train a JeDi UNet (joint attention over image sets, inpainting input) from a base "
+        "SD1.x/2.x model on same-subject image sets; then 'dreamblend generate-jedi'.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(jedi, token=None, batch_size=1, subject=False)
+    add_jedi_arguments(jedi)
+    jedi.set_defaults(func=run)
+
 
 def run(args: argparse.Namespace) -> int:
     from dreamblend import training
 
-    config_type, train = {
-        "dreambooth": (training.DreamBoothConfig, training.train_dreambooth),
-        "attndreambooth": (training.AttnDreamBoothConfig, training.train_attndreambooth),
-    }[args.method]
+    if args.method == "jedi":
+        from dreamblend.jedi.train import JeDiConfig, train_jedi
+
+        config_type, train = JeDiConfig, train_jedi
+    else:
+        config_type, train = {
+            "dreambooth": (training.DreamBoothConfig, training.train_dreambooth),
+            "attndreambooth": (training.AttnDreamBoothConfig, training.train_attndreambooth),
+        }[args.method]
     names = {f.name for f in dataclasses.fields(config_type)}
     config = config_type(**{k: v for k, v in vars(args).items() if k in names and v is not None})
     try:

@@ -12,7 +12,7 @@ import sys
 
 from dreamblend.commands import help_text
 
-COMMANDS = ("demo", "generate", "batch", "train", "bench", "eval", "maps", "suggest", "generate_jedi")
+COMMANDS = ("demo", "generate", "batch", "train", "bench", "eval", "maps", "suggest", "generate_jedi", "ui")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,19 +1,21 @@
 """Compile the kernels for a GPU target without a GPU: ``python aot_compile.py < jobs.json``.
 
-Each job names a kernel, the input dtype, its constexprs and launch options (as the launchers
-build them) and a compute capability; the script prints one JSON result per job: shared memory
-from the compiled metadata, the cubin size, or the compile error. It runs as a subprocess
+Each job names a kernel (and its module under ``dreamblend.kernels``, ``cross_attention`` unless
+given), the input dtype, its constexprs and launch options (as the launchers build them) and a
+compute capability; the script prints one JSON result per job: shared memory from the compiled
+metadata, the cubin size, or the compile error. It runs as a subprocess
 because compiling needs triton in compiled mode, while CPU test processes import it interpreted.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
 import time
 
-DATA_ARGS = {"q_ptr", "k_ptr", "v_ptr", "out_ptr", "do_ptr", "dq_ptr"}
+DATA_ARGS = {"q_ptr", "k_ptr", "v_ptr", "out_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
 """Pointer arguments in the input dtype; ``tok_ptr`` is int64, every other pointer fp32."""
 TRITON_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
@@ -40,9 +42,8 @@ def compile_job(job: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from dreamblend.kernels import cross_attention
-
-    fn = getattr(cross_attention, job["kernel"])
+    module = importlib.import_module(f"dreamblend.kernels.{job.get('module', 'cross_attention')}")
+    fn = getattr(module, job["kernel"])
     types = signature(fn, job["dtype"], job["constexprs"])
     # torch allocations are 16-byte aligned: the launch-time specialization a GPU run sees.
     pointers = [i for i, name in enumerate(fn.arg_names) if types[name].startswith("*")]

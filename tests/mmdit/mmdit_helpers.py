@@ -186,3 +186,62 @@ def eager_latent_grad(
     loss = torch.stack(losses).sum(0)
     (grad,) = torch.autograd.grad(loss.sum(), latent)
     return loss.detach(), grad
+
+
+# ---------------------------------------------------------------------------------------------- pipelines
+
+
+def _clip_text_encoder(tokenizer, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def tiny_sd3_components(seed: int = 0) -> dict:
+    """A tiny SD3 pipeline: two CLIP encoders (16 wide each, so their concatenation is the transformer's
+    32-wide text input), no T5 (the stock pipeline feeds zeros for it), a KL VAE with SD3's shift."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+    from dreamblend.testing import tiny_clip_tokenizer
+
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=1.5,
+        shift_factor=0.1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+    return {
+        "transformer": tiny_sd3(seed),
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+        "vae": vae,
+        "text_encoder": _clip_text_encoder(tokenizer, seed + 2),
+        "tokenizer": tokenizer,
+        "text_encoder_2": _clip_text_encoder(tokenizer_2, seed + 3),
+        "tokenizer_2": tokenizer_2,
+        "text_encoder_3": None,
+        "tokenizer_3": None,
+    }

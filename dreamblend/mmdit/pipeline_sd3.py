@@ -1,0 +1,350 @@
+"""DreamBlendSD3Pipeline: Algorithm 1 on Stable Diffusion 3 / 3.5 (flow matching, joint attention).
+
+G and E are two ``SD3Transformer2DModel`` checkpoints, or LoRA adapters on one transformer. The
+shared machinery of :mod:`dreamblend.pipelines.blend` (model pairing, the CFG step, the guided
+update, the sampler) is written against the UNet calling convention ``model(sample, t,
+encoder_hidden_states=..., **kwargs)``; :class:`TransformerCall` puts the transformer behind it and
+:class:`FlowScheduler` gives the flow-matching scheduler the identity ``scale_model_input`` the
+sampler calls, so SD3 reuses that code instead of copying it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+    calculate_shift,
+    retrieve_timesteps,
+)
+from torch import Tensor, nn
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+from dreamblend.mmdit.processors import attach
+from dreamblend.pipelines.blend import (
+    AdapterSpec,
+    AttentionCallback,
+    Conditioning,
+    DreamBlendMixin,
+    DreamBlendPipelineOutput,
+    DreamBlendSampler,
+    GuidanceSteps,
+    ModelPair,
+    check_schedule,
+    check_shares_components,
+    resolve_alpha,
+    resolve_guided_steps,
+    step_callback,
+)
+from dreamblend.store import LayerSpec
+
+
+class TransformerCall:
+    """An MMDiT transformer called the way the shared sampler calls a UNet.
+
+    ``pooled_projections`` (SD3) rides in the conditioning's kwargs; the timestep is broadcast to the
+    batch as the stock pipeline does.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def __call__(
+        self,
+        sample: Tensor,
+        t: Tensor,
+        encoder_hidden_states: Tensor,
+        return_dict: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        return self.model(
+            hidden_states=sample,
+            timestep=t.expand(sample.shape[0]),
+            encoder_hidden_states=encoder_hidden_states,
+            return_dict=return_dict,
+            **kwargs,
+        )
+
+
+class TransformerPair(ModelPair):
+    """:class:`ModelPair` whose :meth:`use` hands out the role's transformer as a :class:`TransformerCall`."""
+
+    def use(self, role: str) -> TransformerCall:  # type: ignore[override]
+        return TransformerCall(super().use(role))
+
+
+class FlowScheduler:
+    """A flow-matching scheduler with the ``scale_model_input`` the sampler calls (the identity there)."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def scale_model_input(self, sample: Tensor, t: Tensor) -> Tensor:
+        return sample
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        return self.scheduler.step(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> FlowScheduler:
+        return FlowScheduler(copy.deepcopy(self.scheduler, memo))
+
+
+class MMDiTSampler(DreamBlendSampler):
+    """The shared sampler with the MMDiT processors installed on G and E instead of the UNet ones."""
+
+    @contextmanager
+    def session(self) -> Iterator[MMDiTSampler]:
+        with ExitStack() as stack:
+            stack.enter_context(self.pair.session())
+            for model in self.pair.distinct_unets():
+                stack.enter_context(attach(model, self.store))
+            yield self
+
+
+class DreamBlendSD3Pipeline(StableDiffusion3Pipeline):
+    """SD3 pipeline that samples an edit transformer E under a guidance transformer G's attention maps.
+
+    Pair the models with ``guidance_transformer=`` (a second checkpoint: a transformer, a pipeline
+    sharing this one's VAE and text encoders, or a diffusers folder), or load LoRA adapters on the
+    one transformer (``pipe.load_lora_weights(path, adapter_name=...)``) and name them with
+    ``guidance_adapter=`` / ``edit_adapter=`` in the call. Maps are the image-query x text-key block of
+    each joint attention (text tokens: CLIP's 77, then T5's, as SD3 concatenates them), captured
+    from G's conditional branch and followed by E through one gradient step on the latent per step.
+    """
+
+    model_cpu_offload_seq = (
+        "text_encoder->text_encoder_2->text_encoder_3->image_encoder->guidance_transformer->transformer->vae"
+    )
+    _optional_components = [*StableDiffusion3Pipeline._optional_components, "guidance_transformer"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        transformer: SD3Transformer2DModel,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer_2: CLIPTokenizer,
+        text_encoder_3: T5EncoderModel | None,
+        tokenizer_3: T5TokenizerFast | None,
+        image_encoder: Any = None,
+        feature_extractor: Any = None,
+        guidance_transformer: SD3Transformer2DModel | DiffusionPipeline | str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__(
+            transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, text_encoder_3,
+            tokenizer_3, image_encoder, feature_extractor,
+        )  # fmt: skip
+        self.register_modules(guidance_transformer=self._load_guidance(guidance_transformer))
+
+    def _load_guidance(self, spec: Any) -> SD3Transformer2DModel | None:
+        """G's transformer from a transformer, a pipeline sharing this one's components, or a folder."""
+        if spec is None or isinstance(spec, SD3Transformer2DModel):
+            return spec
+        if isinstance(spec, DiffusionPipeline):
+            check_shares_components(self, spec)
+            if not isinstance(getattr(spec, "transformer", None), SD3Transformer2DModel):
+                raise TypeError(f"{type(spec).__name__} has no SD3Transformer2DModel to use as G")
+            return spec.transformer
+        if isinstance(spec, (str, os.PathLike)):
+            subfolder = "transformer" if os.path.isdir(os.path.join(spec, "transformer")) else None
+            model = SD3Transformer2DModel.from_pretrained(
+                spec, subfolder=subfolder, torch_dtype=self.transformer.dtype
+            )
+            return model.to(self.transformer.device)
+        raise TypeError(
+            "guidance_transformer must be an SD3Transformer2DModel, an SD3 pipeline or a diffusers folder, "
+            f"got {type(spec).__name__}"
+        )
+
+    def _model_pair(self, guidance_adapter: AdapterSpec, edit_adapter: AdapterSpec) -> TransformerPair:
+        return TransformerPair.resolve(
+            self.transformer,
+            self.guidance_transformer,
+            guidance_adapter,
+            edit_adapter,
+            text_width=None,
+            latent_channels=self.vae.config.latent_channels,
+        )
+
+    def _timesteps(
+        self, num_inference_steps: int, sigmas: list[float] | None, mu: float | None, latents: Tensor
+    ) -> Tensor:
+        """The stock pipeline's timesteps (with its resolution-dependent shift when configured)."""
+        config = self.scheduler.config
+        kwargs = {}
+        if config.get("use_dynamic_shifting", None) and mu is None:
+            patch = self.transformer.config.patch_size
+            seq_len = (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
+            mu = calculate_shift(
+                seq_len,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.16),
+            )
+        if mu is not None:
+            kwargs["mu"] = mu
+        timesteps, _ = retrieve_timesteps(
+            self.scheduler, num_inference_steps, latents.device, sigmas=sigmas, **kwargs
+        )
+        return timesteps
+
+    def _decode(self, latents: Tensor, output_type: str) -> Any:
+        if output_type == "latent":
+            return latents
+        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        return self.image_processor.postprocess(image, output_type=output_type)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        prompt_3: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 28,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.0,
+        cross_attention_guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        negative_prompt_3: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: Tensor | None = None,
+        guidance_steps: GuidanceSteps = None,
+        attention_layers: LayerSpec | list[LayerSpec] | None = None,
+        attention_tokens: list[int | str] | None = None,
+        head_mean: bool = False,
+        attention_backend: str = "auto",
+        schedule: str = "lockstep",
+        guidance_adapter: AdapterSpec = None,
+        edit_adapter: AdapterSpec = None,
+        return_reference: bool = False,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
+        max_sequence_length: int = 256,
+        mu: float | None = None,
+        attention_callback: AttentionCallback | None = None,
+    ) -> DreamBlendPipelineOutput | tuple:
+        """Generate with E under G's joint-attention guidance (Algorithm 1 on flow matching).
+
+        DreamBlend arguments as in :meth:`dreamblend.DreamBlendPipeline.__call__`
+        (``cross_attention_guidance_scale`` is alpha; 0 gives the stock pipeline's images with E);
+        the rest as in :class:`~diffusers.StableDiffusion3Pipeline`. The default alpha is the
+        SD1.5 paper's and has not been calibrated for flow-matching models.
+
+        Returns:
+            :class:`~dreamblend.DreamBlendPipelineOutput`, or ``(images, reference_images)``.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        self.check_inputs(
+            prompt, prompt_2, prompt_3, height, width, negative_prompt, negative_prompt_2, negative_prompt_3,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            max_sequence_length=max_sequence_length,
+        )  # fmt: skip
+        alpha = resolve_alpha(cross_attention_guidance_scale, "epsilon")
+        check_schedule(schedule)
+        pair = self._model_pair(guidance_adapter, edit_adapter)
+        self._guidance_scale = guidance_scale
+        self._clip_skip = clip_skip
+        self._joint_attention_kwargs = None
+        self._interrupt = False
+        device = self._execution_device
+
+        # 1. Text: CLIP-L, CLIP-G and T5, shared by G and E; CFG batch [uncond; cond]
+        embeds, negative, pooled, negative_pooled = self.encode_prompt(
+            prompt=prompt,
+            prompt_2=prompt_2,
+            prompt_3=prompt_3,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            negative_prompt_3=negative_prompt_3,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            device=device,
+            clip_skip=clip_skip,
+            num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=max_sequence_length,
+        )
+        if self.do_classifier_free_guidance:
+            embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
+        cond = Conditioning(embeds, guidance_scale, {"pooled_projections": pooled})
+        batch_size = embeds.shape[0] // (2 if cond.do_cfg else 1)
+
+        # 2. The start latent l_T (float32, shared by G and E) and the flow-matching timesteps
+        latents = self.prepare_latents(
+            batch_size, self.transformer.config.in_channels, height, width, embeds.dtype, device, generator,
+            latents,
+        ).float()  # fmt: skip
+        timesteps = self._timesteps(num_inference_steps, sigmas, mu, latents)
+        self._num_timesteps = len(timesteps)
+
+        # 3. G records reference maps, E follows them (DESIGN §2)
+        # Words become CLIP-L positions, which lead SD3's text block (CLIP 77, then T5).
+        store = DreamBlendMixin._attention_store(
+            self, prompt, attention_tokens, head_mean, attention_layers, attention_backend
+        )
+        sampler = MMDiTSampler(
+            pair,
+            store,
+            cond,
+            FlowScheduler(self.scheduler),
+            alpha=alpha,
+            guided_steps=resolve_guided_steps(guidance_steps, len(timesteps)),
+            num_steps=len(timesteps),
+            return_reference=return_reference,
+            edit_step_kwargs={},
+            guidance_step_kwargs={},
+            attention_callback=attention_callback,
+        )
+        g_latents, refs = latents, {}
+        phases = ("guidance", "edit") if schedule == "two_phase" else ("lockstep",)
+        with sampler.session(), self.progress_bar(total=len(timesteps) * len(phases)) as progress_bar:
+            for phase in phases:
+                for i, t in enumerate(timesteps):
+                    if self.interrupt:
+                        continue
+                    if phase != "edit" and sampler.runs_guidance(i):
+                        g_latents, refs[i] = sampler.guidance_step(i, t, g_latents)
+                    if phase != "guidance":
+                        latents = sampler.edit_step(i, t, latents, refs.pop(i, None))
+                        latents = step_callback(
+                            self, callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents
+                        )
+                    progress_bar.update()
+        sampler.finish()
+
+        # 4. Decode E's image (and G's reference)
+        images = self._decode(latents, output_type)
+        reference = self._decode(g_latents, output_type) if return_reference else None
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, reference
+        return DreamBlendPipelineOutput(images=images, reference_images=reference)

@@ -11,9 +11,9 @@ cross-attention kernels (all keys in one tile), ``L`` is thousands of keys, so:
    ``exp2(s - lse)`` (maps, head-mean in registers), or the per-block L1 partials against ``ref``, or
    ``D_map = rowsum(R_sel * G)`` partials for the backward.
 3. ``joint_bwd_dq_kernel`` / ``joint_bwd_dkdv_kernel``: recompute ``P`` block by block. The map
-   gradient ``G`` (``(.., M_img, T)``) enters on the text columns as ``E = G S^T`` with the 0/1
-   matrix ``S[t, n] = (TS + tokens[t] == n)`` (exact IEEE products; duplicates sum), only in key
-   blocks that overlap the text. With maps over all keys ``dS = P * (dO V^T + E - Delta)``,
+   gradient ``G`` (``(.., M_img, T)``) enters on the text columns, only in key blocks that overlap
+   the text: as ``G`` itself when every text token is mapped, else as ``E = G S^T`` with the 0/1
+   matrix ``S[t, n] = (TS + tokens[t] == n)`` (exact IEEE products; duplicates sum). With maps over all keys ``dS = P * (dO V^T + E - Delta)``,
    ``Delta = rowsum(dO * O) + D_map``; with the text-only softmax ``Pt`` the map term is
    ``Pt * (E - D_map)`` on the text columns. dK/dV: one program per key block walks every query
    block (no atomics, deterministic).
@@ -253,6 +253,21 @@ def joint_maps_kernel(
 
 
 @triton.jit
+def _scatter_tokens(scattered, gmap_base, tok_ptr, img_idx, img_ok, keys, T, TS, BLOCK_T: tl.constexpr):
+    """``scattered + G S^T`` over token blocks: each selected token's gradient column lands on its key
+    column (IEEE products of a 0/1 matrix: exact; duplicate tokens sum)."""
+    for t0 in range(0, T, BLOCK_T):
+        slots = t0 + tl.arange(0, BLOCK_T)
+        slot_ok = slots < T
+        tokens = tl.load(tok_ptr + slots, mask=slot_ok, other=0)
+        g_offs = img_idx[:, None] * T + slots[None, :]
+        grad = tl.load(gmap_base + g_offs, mask=img_ok[:, None] & slot_ok[None, :], other=0.0)
+        sel = (((TS + tokens)[:, None] == keys[None, :]) & slot_ok[:, None]).to(tl.float32)
+        scattered = _dot(grad, sel, scattered, True)
+    return scattered
+
+
+@triton.jit
 def _score_grads(
     q,
     k,
@@ -294,17 +309,14 @@ def _score_grads(
     if MAP_GRAD:
         scattered = tl.zeros(p.shape, tl.float32)
         if (n0 < TE) & (n0 + BLOCK_N > TS):  # E = G S^T is zero outside the text block
-            for t0 in range(0, T, BLOCK_T):
-                slots = t0 + tl.arange(0, BLOCK_T)
-                slot_ok = slots < T
-                if SELECT:
-                    tokens = tl.load(tok_ptr + slots, mask=slot_ok, other=0)
-                else:
-                    tokens = slots
-                g_offs = img_idx[:, None] * T + slots[None, :]
-                grad = tl.load(gmap_base + g_offs, mask=img_ok[:, None] & slot_ok[None, :], other=0.0)
-                sel = (((TS + tokens)[:, None] == keys[None, :]) & slot_ok[:, None]).to(tl.float32)
-                scattered = _dot(grad, sel, scattered, True)
+            if SELECT:
+                scattered = _scatter_tokens(
+                    scattered, gmap_base, tok_ptr, img_idx, img_ok, keys, T, TS, BLOCK_T
+                )
+            else:  # every text token, in order: E is G on the text columns
+                text_col = (keys >= TS) & (keys < TE)
+                g_offs = img_idx[:, None] * T + (keys - TS)[None, :]
+                scattered = tl.load(gmap_base + g_offs, mask=img_ok[:, None] & text_col[None, :], other=0.0)
             if HEAD_MEAN:
                 scattered = scattered / H
         if TEXT_SOFTMAX:

@@ -78,12 +78,10 @@ def _backward(ctx, q, k, v, chunk_grad) -> tuple[Tensor | None, Tensor | None, T
     """Input gradients, chunk by chunk: ``chunk_grad(out, maps, r0, r1, i0, i1)`` gives the scalar whose
     gradient the chunk contributes (its outputs weighted by their incoming gradients)."""
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
-    dq = torch.zeros_like(q) if need_q else None
-    k_leaf = k.detach().requires_grad_(need_k)
-    v_leaf = v.detach().requires_grad_(need_v)
-    dk = torch.zeros_like(k) if need_k else None
-    dv = torch.zeros_like(v) if need_v else None
-    wanted = [t for t, w in ((k_leaf, need_k), (v_leaf, need_v)) if w]
+    k_leaf, v_leaf = k.detach().requires_grad_(need_k), v.detach().requires_grad_(need_v)
+    dq, dk, dv = (
+        torch.zeros_like(t) if need else None for t, need in ((q, need_q), (k, need_k), (v, need_v))
+    )
     for r0, r1, i0, i1 in _chunks(q, ctx.text):
         q_chunk = q[:, :, r0:r1].detach().requires_grad_(need_q)
         with torch.enable_grad():
@@ -91,17 +89,13 @@ def _backward(ctx, q, k, v, chunk_grad) -> tuple[Tensor | None, Tensor | None, T
                 q_chunk, k_leaf, v_leaf, r0, ctx.scale, ctx.text, ctx.tokens, ctx.head_mean, ctx.text_softmax
             )
             target = chunk_grad(out, maps, r0, r1, i0, i1)
-            if target is None:
-                continue
-            inputs = ([q_chunk] if need_q else []) + wanted
-            grads = list(torch.autograd.grad(target, inputs, allow_unused=True))
-        if need_q:
-            g = grads.pop(0)
-            if g is not None:
-                dq[:, :, r0:r1] = g
-        for acc, g in zip([t for t, w in ((dk, need_k), (dv, need_v)) if w], grads, strict=True):
-            if g is not None:
-                acc += g
+        # dq's rows of this chunk are a view: adding into it fills dq
+        accumulate = [(q_chunk, None if dq is None else dq[:, :, r0:r1]), (k_leaf, dk), (v_leaf, dv)]
+        wanted = [(leaf, acc) for leaf, acc in accumulate if acc is not None]
+        grads = torch.autograd.grad(target, [leaf for leaf, _ in wanted], allow_unused=True)
+        for (_, acc), grad in zip(wanted, grads, strict=True):
+            if grad is not None:
+                acc += grad
     return dq, dk, dv
 
 

@@ -1,19 +1,13 @@
 """DreamBlendSD3Pipeline: Algorithm 1 on Stable Diffusion 3 / 3.5 (flow matching, joint attention).
 
-G and E are two ``SD3Transformer2DModel`` checkpoints, or LoRA adapters on one transformer. The
-shared machinery of :mod:`dreamblend.pipelines.blend` (model pairing, the CFG step, the guided
-update, the sampler) is written against the UNet calling convention ``model(sample, t,
-encoder_hidden_states=..., **kwargs)``; :class:`TransformerCall` puts the transformer behind it and
-:class:`FlowScheduler` gives the flow-matching scheduler the identity ``scale_model_input`` the
-sampler calls, so SD3 reuses that code instead of copying it.
+G and E are two ``SD3Transformer2DModel`` checkpoints, or LoRA adapters on one transformer; the
+sampling machinery is shared with the UNet pipelines (see :mod:`dreamblend.mmdit.sampling`).
 """
 
 from __future__ import annotations
 
-import copy
 import os
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,95 +23,25 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
     calculate_shift,
     retrieve_timesteps,
 )
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from dreamblend.mmdit.processors import attach
+from dreamblend.mmdit.sampling import FlowScheduler, MMDiTBlendMixin, MMDiTSampler
 from dreamblend.pipelines.blend import (
     AdapterSpec,
     AttentionCallback,
     Conditioning,
     DreamBlendMixin,
     DreamBlendPipelineOutput,
-    DreamBlendSampler,
     GuidanceSteps,
-    ModelPair,
     check_schedule,
-    check_shares_components,
     resolve_alpha,
     resolve_guided_steps,
-    step_callback,
 )
 from dreamblend.store import LayerSpec
 
 
-class TransformerCall:
-    """An MMDiT transformer called the way the shared sampler calls a UNet.
-
-    ``pooled_projections`` (SD3) rides in the conditioning's kwargs; the timestep is broadcast to the
-    batch as the stock pipeline does.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
-
-    def __call__(
-        self,
-        sample: Tensor,
-        t: Tensor,
-        encoder_hidden_states: Tensor,
-        return_dict: bool = False,
-        **kwargs: Any,
-    ) -> Any:
-        return self.model(
-            hidden_states=sample,
-            timestep=t.expand(sample.shape[0]),
-            encoder_hidden_states=encoder_hidden_states,
-            return_dict=return_dict,
-            **kwargs,
-        )
-
-
-class TransformerPair(ModelPair):
-    """:class:`ModelPair` whose :meth:`use` hands out the role's transformer as a :class:`TransformerCall`."""
-
-    def use(self, role: str) -> TransformerCall:  # type: ignore[override]
-        return TransformerCall(super().use(role))
-
-
-class FlowScheduler:
-    """A flow-matching scheduler with the ``scale_model_input`` the sampler calls (the identity there)."""
-
-    def __init__(self, scheduler: Any) -> None:
-        self.scheduler = scheduler
-
-    def scale_model_input(self, sample: Tensor, t: Tensor) -> Tensor:
-        return sample
-
-    def step(self, *args: Any, **kwargs: Any) -> Any:
-        return self.scheduler.step(*args, **kwargs)
-
-    def __deepcopy__(self, memo: dict) -> FlowScheduler:
-        return FlowScheduler(copy.deepcopy(self.scheduler, memo))
-
-
-class MMDiTSampler(DreamBlendSampler):
-    """The shared sampler with the MMDiT processors installed on G and E instead of the UNet ones."""
-
-    @contextmanager
-    def session(self) -> Iterator[MMDiTSampler]:
-        with ExitStack() as stack:
-            stack.enter_context(self.pair.session())
-            for model in self.pair.distinct_unets():
-                stack.enter_context(attach(model, self.store))
-            yield self
-
-
-class DreamBlendSD3Pipeline(StableDiffusion3Pipeline):
+class DreamBlendSD3Pipeline(MMDiTBlendMixin, StableDiffusion3Pipeline):
     """SD3 pipeline that samples an edit transformer E under a guidance transformer G's attention maps.
 
     Pair the models with ``guidance_transformer=`` (a second checkpoint: a transformer, a pipeline
@@ -154,36 +78,6 @@ class DreamBlendSD3Pipeline(StableDiffusion3Pipeline):
             tokenizer_3, image_encoder, feature_extractor,
         )  # fmt: skip
         self.register_modules(guidance_transformer=self._load_guidance(guidance_transformer))
-
-    def _load_guidance(self, spec: Any) -> SD3Transformer2DModel | None:
-        """G's transformer from a transformer, a pipeline sharing this one's components, or a folder."""
-        if spec is None or isinstance(spec, SD3Transformer2DModel):
-            return spec
-        if isinstance(spec, DiffusionPipeline):
-            check_shares_components(self, spec)
-            if not isinstance(getattr(spec, "transformer", None), SD3Transformer2DModel):
-                raise TypeError(f"{type(spec).__name__} has no SD3Transformer2DModel to use as G")
-            return spec.transformer
-        if isinstance(spec, (str, os.PathLike)):
-            subfolder = "transformer" if os.path.isdir(os.path.join(spec, "transformer")) else None
-            model = SD3Transformer2DModel.from_pretrained(
-                spec, subfolder=subfolder, torch_dtype=self.transformer.dtype
-            )
-            return model.to(self.transformer.device)
-        raise TypeError(
-            "guidance_transformer must be an SD3Transformer2DModel, an SD3 pipeline or a diffusers folder, "
-            f"got {type(spec).__name__}"
-        )
-
-    def _model_pair(self, guidance_adapter: AdapterSpec, edit_adapter: AdapterSpec) -> TransformerPair:
-        return TransformerPair.resolve(
-            self.transformer,
-            self.guidance_transformer,
-            guidance_adapter,
-            edit_adapter,
-            text_width=None,
-            latent_channels=self.vae.config.latent_channels,
-        )
 
     def _timesteps(
         self, num_inference_steps: int, sigmas: list[float] | None, mu: float | None, latents: Tensor
@@ -324,22 +218,9 @@ class DreamBlendSD3Pipeline(StableDiffusion3Pipeline):
             guidance_step_kwargs={},
             attention_callback=attention_callback,
         )
-        g_latents, refs = latents, {}
-        phases = ("guidance", "edit") if schedule == "two_phase" else ("lockstep",)
-        with sampler.session(), self.progress_bar(total=len(timesteps) * len(phases)) as progress_bar:
-            for phase in phases:
-                for i, t in enumerate(timesteps):
-                    if self.interrupt:
-                        continue
-                    if phase != "edit" and sampler.runs_guidance(i):
-                        g_latents, refs[i] = sampler.guidance_step(i, t, g_latents)
-                    if phase != "guidance":
-                        latents = sampler.edit_step(i, t, latents, refs.pop(i, None))
-                        latents = step_callback(
-                            self, callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents
-                        )
-                    progress_bar.update()
-        sampler.finish()
+        latents, g_latents = self._run(
+            sampler, timesteps, latents, schedule, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
 
         # 4. Decode E's image (and G's reference)
         images = self._decode(latents, output_type)

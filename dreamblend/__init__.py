@@ -4,7 +4,8 @@ Entry points: :class:`AttentionStore` + :class:`DreamBlendProcessor` (drop-in at
 for diffusers UNets), :func:`attach`, :class:`SD3DreamBlendProcessor` and
 :class:`FluxDreamBlendProcessor` for MMDiT transformers (:func:`dreamblend.mmdit.attach`), the op
 API in :mod:`dreamblend.ops`, and the pipelines :class:`DreamBlendPipeline` (SD1.x/2.x) and
-:class:`DreamBlendXLPipeline` (SDXL).
+:class:`DreamBlendXLPipeline` (SDXL); finetuning-free personalization with :class:`JeDiPipeline`
+(:mod:`dreamblend.jedi`).
 """
 
 from typing import Any
@@ -20,6 +21,7 @@ __all__ = [
     "DreamBlendProcessor",
     "DreamBlendXLPipeline",
     "FluxDreamBlendProcessor",
+    "JeDiPipeline",
     "SD3DreamBlendProcessor",
     "attach",
 ]
@@ -36,6 +38,10 @@ def __getattr__(name: str) -> Any:
         from dreamblend import pipelines
 
         return getattr(pipelines, name)
+    if name == "JeDiPipeline":
+        from dreamblend.jedi.pipeline import JeDiPipeline
+
+        return JeDiPipeline
     if name in _MMDIT:  # imports diffusers' transformer models: also on first use
         from dreamblend import mmdit
 

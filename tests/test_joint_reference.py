@@ -162,3 +162,20 @@ def test_reference_map_shape_is_checked():
         ops.joint_guided_attention(
             q, k, v, torch.zeros(1, 2, 5, 2), text=(3, 3), tokens=[0, 1], head_mean=True
         )
+
+
+def test_text_block_inside_one_chunk(monkeypatch):
+    """A text block in the middle of a chunk leaves image rows on both sides of it in that chunk."""
+    monkeypatch.setattr(joint_reference, "query_chunk_rows", lambda q: 8)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 20, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in "qkv")
+    for text_softmax in (False, True):
+        kw = dict(text=(10, 3), tokens=[2, 0], head_mean=True, text_softmax=text_softmax)
+        out, maps = ops.joint_capture_attention(q, k, v, backend="torch", **kw)
+        out_e, maps_e = eager(q, k, v, (10, 3), [2, 0], True, text_softmax)
+        torch.testing.assert_close(maps, maps_e, rtol=1e-12, atol=1e-12)
+        w = torch.randn_like(maps)
+        grads = torch.autograd.grad((maps * w).sum() + out.sum(), (q, k, v))
+        grads_e = torch.autograd.grad((maps_e * w).sum() + out_e.sum(), (q, k, v))
+        for g_, ge in zip(grads, grads_e, strict=True):
+            torch.testing.assert_close(g_, ge, rtol=1e-10, atol=1e-12)

@@ -83,10 +83,8 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, text, tokens: TokenSpec, scale: fl
 
 def joint_map_shape(q: Tensor, text: tuple[int, int], tokens: TokenSpec = None, head_mean: bool = False):
     """Shape of the maps (and of ``ref``) for these inputs: ``(B, M_img, T)`` or ``(B, H, M_img, T)``."""
-    b, h, length, _ = q.shape
     n_tokens = text[1] if tokens is None else torch.as_tensor(tokens).numel()
-    m_img = length - text[1]
-    return (b, m_img, n_tokens) if head_mean else (b, h, m_img, n_tokens)
+    return joint_reference.map_shape(q, text, n_tokens, head_mean)
 
 
 def joint_capture_attention(

@@ -41,6 +41,16 @@ def _chunks(q: Tensor, text: tuple[int, int]) -> list[tuple[int, int, int, int]]
     ]
 
 
+def _image_rows(t: Tensor, r0: int, text: tuple[int, int]) -> Tensor:
+    """The rows of ``t`` (query rows ``r0 ...`` along dim 2) that are image queries: plain slices, so
+    no device sync."""
+    start, n_text = text
+    r1 = r0 + t.shape[2]
+    spans = [(r0, min(r1, start)), (max(r0, start + n_text), r1)]
+    pieces = [t[:, :, a - r0 : b - r0] for a, b in spans if b > a]
+    return torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0] if pieces else t[:, :, :0]
+
+
 def _chunk_forward(
     q: Tensor,
     k: Tensor,
@@ -57,18 +67,13 @@ def _chunk_forward(
     scores = torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)) * scale
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, v.to(dt)).to(q.dtype)
-    start, length = text
-    rows = torch.arange(r0, r0 + q.shape[2], device=q.device)
-    image_rows = ((rows < start) | (rows >= start + length)).nonzero().squeeze(1)
-    cols = slice(start, start + length)
-    if text_softmax:
-        text_probs = torch.softmax(scores.index_select(2, image_rows)[..., cols], dim=-1)
-    else:
-        text_probs = probs.index_select(2, image_rows)[..., cols]
+    image = _image_rows(scores if text_softmax else probs, r0, text)[..., text[0] : text[0] + text[1]]
+    text_probs = torch.softmax(image, dim=-1) if text_softmax else image
     return out, select_maps(text_probs, tokens, head_mean)
 
 
-def _map_shape(q: Tensor, text: tuple[int, int], n_tokens: int, head_mean: bool) -> tuple[int, ...]:
+def map_shape(q: Tensor, text: tuple[int, int], n_tokens: int, head_mean: bool) -> tuple[int, ...]:
+    """``(B, M_img, T)`` head-mean or ``(B, H, M_img, T)``: image queries x selected text tokens."""
     b, h, length, _ = q.shape
     m_img = length - text[1]
     return (b, m_img, n_tokens) if head_mean else (b, h, m_img, n_tokens)
@@ -115,7 +120,7 @@ class JointCaptureAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale, text, tokens, head_mean, text_softmax):
         n_tokens = text[1] if tokens is None else tokens.numel()
         out = torch.empty_like(q)
-        maps = q.new_empty(_map_shape(q, text, n_tokens, head_mean), dtype=compute_dtype(q))
+        maps = q.new_empty(map_shape(q, text, n_tokens, head_mean), dtype=compute_dtype(q))
         for r0, r1, i0, i1 in _chunks(q, text):
             out[:, :, r0:r1], maps[..., i0:i1, :] = _chunk_forward(
                 q[:, :, r0:r1], k, v, r0, scale, text, tokens, head_mean, text_softmax

@@ -65,7 +65,8 @@ class TransformerCall:
 class FluxCall(TransformerCall):
     """FLUX on ``(B, C, H, W)`` latents: packed into 2x2-patch tokens for the model, the output unpacked.
 
-    The timestep goes in as ``t / 1000`` in the latents' dtype, as ``FluxPipeline`` passes it.
+    The timestep goes in as ``t / 1000`` in the latents' dtype and a float ``guidance`` as a float32
+    batch, as ``FluxPipeline`` passes them.
     """
 
     def __call__(
@@ -78,6 +79,10 @@ class FluxCall(TransformerCall):
     ) -> tuple[Tensor]:
         b, c, h, w = sample.shape
         timestep = t.expand(b).to(sample.dtype) / 1000
+        if isinstance(kwargs.get("guidance"), float):
+            kwargs["guidance"] = torch.full(
+                [b], kwargs["guidance"], device=sample.device, dtype=torch.float32
+            )
         out = self.model(
             hidden_states=FluxPipeline._pack_latents(sample, b, c, h, w),
             timestep=timestep,

@@ -210,14 +210,10 @@ def _clip_text_encoder(tokenizer, seed: int):
     return CLIPTextModelWithProjection(config).eval()
 
 
-def tiny_sd3_components(seed: int = 0) -> dict:
-    """A tiny SD3 pipeline: two CLIP encoders (16 wide each, so their concatenation is the transformer's
-    32-wide text input), no T5 (the stock pipeline feeds zeros for it), a KL VAE with SD3's shift."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+def _tiny_vae(seed: int):
+    """A two-level KL VAE (4 latent channels, downscale 2) with SD3/FLUX-style scaling and shift."""
+    from diffusers import AutoencoderKL
 
-    from dreamblend.testing import tiny_clip_tokenizer
-
-    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
         in_channels=3,
@@ -234,14 +230,110 @@ def tiny_sd3_components(seed: int = 0) -> dict:
         use_quant_conv=False,
         use_post_quant_conv=False,
     ).eval()
+    return vae
+
+
+def tiny_sd3_components(seed: int = 0) -> dict:
+    """A tiny SD3 pipeline: two CLIP encoders (16 wide each, so their concatenation is the transformer's
+    32-wide text input), no T5 (the stock pipeline feeds zeros for it), a KL VAE with SD3's shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from dreamblend.testing import tiny_clip_tokenizer
+
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
     return {
         "transformer": tiny_sd3(seed),
         "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
-        "vae": vae,
+        "vae": _tiny_vae(seed),
         "text_encoder": _clip_text_encoder(tokenizer, seed + 2),
         "tokenizer": tokenizer,
         "text_encoder_2": _clip_text_encoder(tokenizer_2, seed + 3),
         "tokenizer_2": tokenizer_2,
         "text_encoder_3": None,
         "tokenizer_3": None,
+    }
+
+
+def tiny_t5_tokenizer():
+    """A word-level tokenizer with T5's special tokens (pad 0, end 1) over the tiny word list.
+
+    FluxPipeline only pads, truncates and decodes with it; no sentencepiece model needs to exist.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from dreamblend.testing import TINY_WORDS
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in TINY_WORDS:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
+
+
+def tiny_flux_pipeline_transformer(seed: int = 0) -> FluxTransformer2DModel:
+    """FLUX.1 [dev]-like: guidance-distilled, 16 input channels (4-channel latents in 2x2 patches)."""
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=[4, 4, 8],
+    ).eval()
+
+
+def tiny_flux_components(seed: int = 0) -> dict:
+    """A tiny FLUX pipeline: CLIP (pooled, 32 wide), a 2-layer T5 (32 wide), a KL VAE with a shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from dreamblend.testing import tiny_clip_tokenizer
+
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    torch.manual_seed(seed + 2)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
+    torch.manual_seed(seed + 3)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    ).eval()
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler(),
+        "vae": _tiny_vae(seed),
+        "text_encoder": clip,
+        "tokenizer": tokenizer,
+        "text_encoder_2": t5,
+        "tokenizer_2": tokenizer_2,
+        "transformer": tiny_flux_pipeline_transformer(seed),
     }

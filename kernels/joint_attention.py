@@ -13,10 +13,10 @@ cross-attention kernels (all keys in one tile), ``L`` is thousands of keys, so:
 3. ``joint_bwd_dq_kernel`` / ``joint_bwd_dkdv_kernel``: recompute ``P`` block by block. The map
    gradient ``G`` (``(.., M_img, T)``) enters on the text columns, only in key blocks that overlap
    the text: as ``G`` itself when every text token is mapped, else as ``E = G S^T`` with the 0/1
-   matrix ``S[t, n] = (TS + tokens[t] == n)`` (exact IEEE products; duplicates sum). With maps over all keys ``dS = P * (dO V^T + E - Delta)``,
-   ``Delta = rowsum(dO * O) + D_map``; with the text-only softmax ``Pt`` the map term is
-   ``Pt * (E - D_map)`` on the text columns. dK/dV: one program per key block walks every query
-   block (no atomics, deterministic).
+   matrix ``S[t, n] = (TS + tokens[t] == n)`` (exact IEEE products; duplicates sum). With maps
+   over all keys ``dS = P * (dO V^T + E - Delta)``, ``Delta = rowsum(dO * O) + D_map``; with the
+   text-only softmax ``Pt`` the map term is ``Pt * (E - D_map)`` on the text columns. dK/dV: one
+   program per key block walks every query block (no atomics, deterministic).
 
 ``P`` is never stored: the forward keeps ``(B, H, L)`` LSEs, the backward recomputes them with one
 forward launch and holds ``G`` and the maps it needs (map-sized, ``M_img x T`` per head).
@@ -651,6 +651,8 @@ def supports_joint(dtype: torch.dtype, head_dim: int) -> bool:
 
 @dataclass(frozen=True)
 class JointBackwardFlags:
+    """What one backward launch reads and computes; build it with :meth:`make`."""
+
     has_dout: bool
     map_grad: bool
     head_mean: bool
@@ -658,7 +660,9 @@ class JointBackwardFlags:
     text_softmax: bool
 
     @classmethod
-    def make(cls, has_dout, map_grad, head_mean, select, text_softmax) -> "JointBackwardFlags":
+    def make(
+        cls, has_dout: bool, map_grad: bool, head_mean: bool, select: bool, text_softmax: bool
+    ) -> "JointBackwardFlags":
         """Map flags cannot matter without a map gradient: equivalent launches share one kernel."""
         if not map_grad:
             head_mean = select = text_softmax = False
@@ -817,14 +821,35 @@ def joint_maps(
     return per_group if head_mean else per_group.view(b, h).mean(dim=1)  # per head: mean of head sums
 
 
-def joint_capture(q, k, v, tokens, text, scale, head_mean, text_softmax) -> tuple[Tensor, Tensor]:
+def joint_capture(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tokens: Tensor | None,
+    text: tuple[int, int],
+    scale: float,
+    head_mean: bool,
+    text_softmax: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(out, maps)``: the forward pass, then the maps pass from its LSE."""
     q, k, v = _prepare(q, k, v)
     out, lse, lse_text = joint_forward(q, k, v, text, scale, text_softmax)
     maps = joint_maps(q, k, tokens, lse_text if text_softmax else lse, text, scale, head_mean, MapsMode.MAPS)
     return out, maps
 
 
-def joint_guided(q, k, v, ref, tokens, text, scale, head_mean, text_softmax) -> tuple[Tensor, Tensor]:
+def joint_guided(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    ref: Tensor,
+    tokens: Tensor | None,
+    text: tuple[int, int],
+    scale: float,
+    head_mean: bool,
+    text_softmax: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(out, loss)``: the forward pass, then the maps pass scoring against ``ref``."""
     q, k, v = _prepare(q, k, v)
     out, lse, lse_text = joint_forward(q, k, v, text, scale, text_softmax)
     loss = joint_maps(

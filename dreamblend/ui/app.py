@@ -109,7 +109,7 @@ def build_app(session: BlendSession) -> gr.Blocks:
                         for label, key in zip(ROW_LABELS, ("g", "e", "blend"), strict=True)
                     ]
                 maps = gr.Gallery(
-                    label="Word maps (per word, each scaled to its own range)", height="auto", elem_id="maps"
+                    label="Word maps (per word, each scaled to its own range)", height=790, elem_id="maps"
                 )
                 scores = gr.Markdown(elem_id="scores")
                 command = gr.Textbox(
@@ -124,7 +124,7 @@ def build_app(session: BlendSession) -> gr.Blocks:
             with gr.Row():
                 alphas = gr.Textbox(DEFAULT_SWEEP, label="alphas", elem_id="alphas", scale=3)
                 sweep = gr.Button("Sweep", elem_id="sweep", scale=1)
-            strip = gr.Gallery(label="alpha sweep", columns=6, height="auto", elem_id="strip")
+            strip = gr.Gallery(label="alpha sweep", height=290, elem_id="strip")
 
         inputs = [prompt, negative, guidance, edit, words, seed, steps, cfg, alpha, fraction]
         skip_blend = tuple(gr.skip() for _ in range(6))
@@ -171,7 +171,8 @@ def build_app(session: BlendSession) -> gr.Blocks:
                 )
             except Exception as exc:  # noqa: BLE001 - shown in the page, which must stay usable
                 return gr.skip(), error_status(exc)
-            return [(display(image), f"alpha {a:g}") for a, image in strip], f"Swept {len(strip)} alphas."
+            tiles = [(display(image), f"alpha {a:g}") for a, image in strip]
+            return gr.Gallery(tiles, columns=len(tiles)), f"Swept {len(strip)} alphas."
 
         def on_stop() -> str:
             return "Stopping at the next step..." if session.stop() else "Nothing is running."

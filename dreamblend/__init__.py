@@ -3,8 +3,9 @@
 Entry points: :class:`AttentionStore` + :class:`DreamBlendProcessor` (drop-in attention processor
 for diffusers UNets), :func:`attach`, :class:`SD3DreamBlendProcessor` and
 :class:`FluxDreamBlendProcessor` for MMDiT transformers (:func:`dreamblend.mmdit.attach`), the op
-API in :mod:`dreamblend.ops`, and the pipelines :class:`DreamBlendPipeline` (SD1.x/2.x) and
-:class:`DreamBlendXLPipeline` (SDXL); finetuning-free personalization with :class:`JeDiPipeline`
+API in :mod:`dreamblend.ops`, and the pipelines :class:`DreamBlendPipeline` (SD1.x/2.x),
+:class:`DreamBlendXLPipeline` (SDXL), :class:`DreamBlendSD3Pipeline` and :class:`DreamBlendFluxPipeline`;
+finetuning-free personalization with :class:`JeDiPipeline`
 (:mod:`dreamblend.jedi`).
 """
 
@@ -16,9 +17,11 @@ from dreamblend.store import AttentionStore
 
 __all__ = [
     "AttentionStore",
+    "DreamBlendFluxPipeline",
     "DreamBlendPipeline",
     "DreamBlendPipelineOutput",
     "DreamBlendProcessor",
+    "DreamBlendSD3Pipeline",
     "DreamBlendXLPipeline",
     "FluxDreamBlendProcessor",
     "JeDiPipeline",
@@ -29,7 +32,12 @@ __version__ = "0.1.0"
 quiet.install()
 
 _PIPELINES = ("DreamBlendPipeline", "DreamBlendPipelineOutput", "DreamBlendXLPipeline")
-_MMDIT = ("FluxDreamBlendProcessor", "SD3DreamBlendProcessor")
+_MMDIT = (
+    "DreamBlendFluxPipeline",
+    "DreamBlendSD3Pipeline",
+    "FluxDreamBlendProcessor",
+    "SD3DreamBlendProcessor",
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -42,7 +50,7 @@ def __getattr__(name: str) -> Any:
         from dreamblend.jedi.pipeline import JeDiPipeline
 
         return JeDiPipeline
-    if name in _MMDIT:  # imports diffusers' transformer models: also on first use
+    if name in _MMDIT:  # diffusers' transformer models and pipelines: also on first use
         from dreamblend import mmdit
 
         return getattr(mmdit, name)

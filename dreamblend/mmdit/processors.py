@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 
 # The stock FLUX processor's own projection helper (plain or fused QKV), so the two cannot drift apart.
-from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 from torch import Tensor, nn
 
 from dreamblend import ops
@@ -255,11 +256,24 @@ def processor_for(model: nn.Module) -> type[_MMDiTProcessor]:
     )
 
 
+def check_replaceable(model: nn.Module) -> None:
+    """Every layer must run a stock processor (or ours): replacing another would drop what it adds."""
+    for name, processor in model.attn_processors.items():
+        if not isinstance(processor, (JointAttnProcessor2_0, FluxAttnProcessor, _MMDiTProcessor)):
+            raise ValueError(
+                f"layer {name!r} uses {type(processor).__name__}, which DreamBlend cannot capture without "
+                "dropping what it adds; supported are the stock JointAttnProcessor2_0 (SD3) and "
+                "FluxAttnProcessor (FLUX). Unload what set it (e.g. pipe.unload_ip_adapter()) first"
+            )
+
+
 @contextmanager
 def attach(model: nn.Module, store: AttentionStore | None = None) -> Iterator[AttentionStore]:
     """Install the model's DreamBlend processor (one instance) on every attention layer for the block.
 
     The previous processors come back on exit, also when the block raises. Yields the store.
     """
-    with installed(model, store, processor_for(model)) as store:
+    processor = processor_for(model)
+    check_replaceable(model)
+    with installed(model, store, processor) as store:
         yield store

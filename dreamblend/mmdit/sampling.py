@@ -162,14 +162,21 @@ class MMDiTBlendMixin:
         )
 
     def _model_pair(self, guidance_adapter: AdapterSpec, edit_adapter: AdapterSpec) -> TransformerPair:
-        return TransformerPair.resolve(
-            self.transformer,
-            self.guidance_transformer,
-            guidance_adapter,
-            edit_adapter,
-            text_width=None,
-            latent_channels=self.transformer.config.in_channels,
-        )
+        try:
+            return TransformerPair.resolve(
+                self.transformer,
+                self.guidance_transformer,
+                guidance_adapter,
+                edit_adapter,
+                text_width=None,
+                latent_channels=self.transformer.config.in_channels,
+            )
+        except ValueError as exc:
+            # The shared pairing speaks of UNets; here the models and the argument are transformers.
+            message = (
+                str(exc).replace("guidance_unet=", "guidance_transformer=").replace("UNet", "transformer")
+            )
+            raise ValueError(message) from None
 
     def _step_callback(
         self, callback: Callable | None, tensor_inputs: Any, i: int, t: Tensor, latents: Tensor

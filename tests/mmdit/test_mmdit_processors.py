@@ -249,3 +249,24 @@ def test_token_beyond_the_text_block(case):
     with pytest.raises(ValueError, match=f"token index \\[{N_TEXT}\\] out of range.*N={N_TEXT}"):
         with attach(model, AttentionStore(tokens=[0, N_TEXT])) as store, store.record():
             run(model, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_guides_with_float32_loss(case, dtype):
+    model = case.build().to(dtype)
+    inputs = case.inputs(model, dtype=dtype)
+    ref = perturbed_ref(case, model, inputs)
+    assert all(m.dtype == torch.float32 for m in ref.values())
+    loss, grad = guided_latent_grad(case, model, inputs, ref, AttentionStore())
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    assert grad.dtype == dtype and torch.isfinite(grad).all() and grad.abs().max() > 0
+
+
+def test_attach_refuses_processors_it_would_drop():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    model = CASES["sd3"].build()
+    model.transformer_blocks[0].attn2.set_processor(AttnProcessor2_0())  # e.g. left by another tool
+    with pytest.raises(ValueError, match="'transformer_blocks.0.attn2.processor' uses AttnProcessor2_0"):
+        with attach(model):
+            pass

@@ -134,3 +134,9 @@ def test_word_tokens_and_maps_of_the_conditional_branch(components, guidance):
     layers = {"transformer_blocks.0.attn", "transformer_blocks.1.attn"}
     for _, _, shapes in seen:  # one image's conditional row, 4 heads, 8x8 patches, the one word token
         assert shapes == {name: (1, 4, 64, 1) for name in layers}
+
+
+def test_pairing_errors_speak_of_transformers(components):
+    pipe = DreamBlendSD3Pipeline(**components)
+    with pytest.raises(ValueError, match="pass an earlier checkpoint as guidance_transformer="):
+        pipe(PROMPT, **CALL)

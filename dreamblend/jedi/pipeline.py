@@ -284,11 +284,12 @@ def load_jedi_pipeline(
     """A :class:`JeDiPipeline` from a saved JeDi pipeline folder, or from a base model plus a training
     checkpoint (``OUT/checkpoint-STEP`` of ``dreamblend train jedi``, full or LoRA)."""
     from dreamblend.checkpoints import load_lora
+    from dreamblend.hub import DTYPE_KWARG
     from dreamblend.jedi.convert import convert_unet
     from dreamblend.jedi.train import CONV_IN_FILE, SET_SIZE_KEY
     from dreamblend.training.trajectory import MANIFEST_FILE
 
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype, "use_safetensors": None if allow_pickle else True}
+    kwargs: dict[str, Any] = {DTYPE_KWARG: torch_dtype, "use_safetensors": None if allow_pickle else True}
     if checkpoint is None:
         pipe = JeDiPipeline.from_pretrained(str(model), **kwargs)
         check_jedi_unet(pipe.unet)

@@ -1,0 +1,56 @@
+"""The toy-world JeDi experiment: set generator, and the whole command in --smoke mode (CI)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from dreamblend.jedi.data import find_image_sets
+from dreamblend.toyworld.jedi_experiment import main
+from dreamblend.toyworld.jedi_sets import training_subject, write_training_sets
+from dreamblend.toyworld.subjects import SUBJECTS
+from dreamblend.toyworld.vocab import parse_caption
+
+
+def test_training_subjects_are_never_evaluation_subjects() -> None:
+    held_out = {(s.cls, s.colour, s.pattern.kind) for s in SUBJECTS}
+    drawn = [training_subject(i) for i in range(300)]
+    assert not {(s.cls, s.colour, s.pattern.kind) for s in drawn} & held_out
+    assert len({(s.cls, s.colour, s.pattern) for s in drawn}) > 250  # varied
+    assert training_subject(7) == training_subject(7) and training_subject(7, seed=1) != training_subject(7)
+
+
+def test_sets_are_stacked_and_resumable(tmp_path: Path) -> None:
+    paths = write_training_sets(tmp_path, 3, 4)
+    sets = find_image_sets(tmp_path)
+    assert [s.size for s in sets] == [4, 4, 4] and Image.open(paths[0]).size == (64, 256)
+    assert all(parse_caption(c).is_subject and parse_caption(c).background for s in sets for c in s.captions)
+    stamp = paths[1].stat().st_mtime_ns
+    write_training_sets(tmp_path, 4, 4)  # keeps the finished sets, adds the fourth
+    assert paths[1].stat().st_mtime_ns == stamp and len(find_image_sets(tmp_path)) == 4
+
+
+def test_smoke_run_writes_every_output_and_resumes(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "jedi"
+    assert main(["--smoke", "--out", str(out), "--threads", "1"]) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    methods = [r["method"] for r in rows]
+    assert methods[:2] == ["JeDi, 1 reference", "JeDi, 2 references"]
+    assert all(r["toy_subject"] and r["toy_subject_masked"] and r["toy_prompt"] for r in rows[:2])
+    if (Path("benchmarks/results/toyworld/points.csv")).is_file():
+        assert "DreamBooth, best checkpoint by F1" in methods and "DreamBlend, best by F1" in methods
+    cost = list(csv.DictReader((out / "cost.csv").open()))
+    assert {int(c["set_size"]) for c in cost} == {1, 2} and float(cost[0]["ratio"]) == 1.0
+    table = (out / "table.md").read_text()
+    assert "| JeDi, 1 reference |" in table and "Table 6" in table
+    assert (out / "figures" / "jedi_samples.png").is_file() and (
+        out / "figures" / "jedi_points.png"
+    ).is_file()
+    assert json.loads((out / "run.json").read_text())["options"]["smoke"] is True
+    capsys.readouterr()
+    assert main(["--smoke", "--out", str(out), "--threads", "1"]) == 0  # finished stages are reused
+    said = capsys.readouterr().out
+    assert "training JeDi" not in said and "sampled 0 JeDi images" in said

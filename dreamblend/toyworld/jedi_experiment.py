@@ -21,9 +21,10 @@ Stages, each resumable (intermediates in ``DIR/work``, kept out of commits by ``
 6. **cost** (the supplement's Table 6): seconds per denoising step of the base model's guided step (one
    image) and of JeDi's at growing set sizes, on this machine (``cost.csv``).
 
-``--smoke`` runs every stage at toy scale for CI (a random toy-architecture base and world encoder when
-the shipped weights are absent, a few sets, two training steps, one subject and prompt, two sampling
-steps); its numbers mean nothing.
+``--cost-only`` runs stage 6 alone (``cost.csv``, ``cost.md``): a step's compute does not depend on the
+weights, so it times the converted base. ``--smoke`` runs every stage at toy scale for CI (a random
+toy-architecture base and world encoder when the shipped weights are absent, a few sets, two training
+steps, one subject and prompt, two sampling steps); its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ class Settings:
     cfg: float
     cost_sizes: list[int]
     threads: int | None
+    cost_only: bool = False
     instances: int = 5
 
 
@@ -427,18 +429,22 @@ class JeDiExperiment:
         return {MASKED: mean, f"{MASKED}_se": se}
 
     # ------------------------------------------------------------------ cost (Table 6)
-    def cost(self, checkpoint: Path) -> list[dict[str, Any]]:
-        """Median seconds per guided denoising step: the base model on one image vs JeDi on a set of n."""
+    def cost(self) -> list[dict[str, Any]]:
+        """Median seconds per guided denoising step: the base model on one image vs JeDi on a set of n.
+
+        The JeDi UNet is the converted base: a step's compute does not depend on the weights, so the
+        cost needs no trained model (``--cost-only`` measures it alone).
+        """
         from diffusers import UNet2DConditionModel
 
-        from dreamblend.jedi.convert import inpainting_input
-        from dreamblend.jedi.pipeline import load_jedi_pipeline
+        from dreamblend.hub import DTYPE_KWARG
+        from dreamblend.jedi.convert import convert_unet, inpainting_input
         from dreamblend.joint import ImageSet, attach_joint_attention
 
         base = UNet2DConditionModel.from_pretrained(
-            self.base, subfolder="unet", torch_dtype=torch.float32
+            self.base, subfolder="unet", **{DTYPE_KWARG: torch.float32}
         ).eval()
-        jedi = load_jedi_pipeline(self.base, checkpoint, torch_dtype=torch.float32).unet.eval()
+        jedi = convert_unet(base)
         size = int(base.config.sample_size)
         context = torch.randn(1, 77, base.config.cross_attention_dim)
         repeats = 3 if self.s.smoke else 15
@@ -479,13 +485,15 @@ class JeDiExperiment:
         s.out.mkdir(parents=True, exist_ok=True)
         _write_text(s.out / ".gitignore", "work/\n")
         self.resolve()
+        if s.cost_only:
+            return self.run_cost_only(started)
         metrics = self.metrics()
         checkpoint = self.train()
         records = self.sample(checkpoint)
         start = time.perf_counter()
         rows = [*self.jedi_rows(records, metrics), *self.baseline_rows(metrics)]
         self.seconds["score"] = time.perf_counter() - start
-        costs = self.cost(checkpoint)
+        costs = self.cost()
         columns = [
             "method",
             "point",
@@ -530,6 +538,21 @@ class JeDiExperiment:
             },
         )
         self.say(f"results in {s.out}")
+        return 0
+
+    def run_cost_only(self, started: str) -> int:
+        """Table 6 alone: ``cost.csv`` and ``cost.md``, no training."""
+        costs = self.cost()
+        _write_csv(self.s.out / "cost.csv", costs, ["model", "set_size", "seconds", "ratio"])
+        header = [
+            "## Toy world: JeDi's cost per denoising step",
+            "",
+            f"Device: {device_name()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
+            f"float32, toy UNet at {self.base}; measured {started}.",
+            "",
+        ]
+        _write_text(self.s.out / "cost.md", "\n".join([*header, *cost_table(costs)]) + "\n")
+        self.say(f"cost table in {self.s.out / 'cost.md'}")
         return 0
 
     def plot_samples(self, records: dict[tuple[str, int], list[dict[str, Any]]], path: Path) -> None:
@@ -584,17 +607,24 @@ class JeDiExperiment:
             "subject: "
             "toy_subject with everything outside the object's box grey on both sides.",
             "",
-            "Inference cost per denoising step (the supplement's Table 6), median of repeated UNet calls "
-            "with "
-            "CFG (2 branches; image/text-first guidance: 3):",
-            "",
-            "| model | set size | seconds per step | vs plain step |",
-            "|---|---|---|---|",
-            *(f"| {c['model']} | {c['set_size']} | {c['seconds']:.4f} | {c['ratio']:.2f}x |" for c in costs),
+            *cost_table(costs),
         ]
         if self.notes:
             lines += ["", *(f"Note: {n}" for n in self.notes)]
         return "\n".join(lines) + "\n"
+
+
+def cost_table(costs: list[dict[str, Any]]) -> list[str]:
+    """The Table 6 lines of ``table.md`` and ``cost.md``."""
+    return [
+        "Inference cost per denoising step (the supplement's Table 6): median of repeated UNet calls with "
+        "classifier-free guidance (2 branches; image-first and text-first guidance: 3), one image per call "
+        "for the base model, a set of n for JeDi:",
+        "",
+        "| model | set size | seconds per step | vs plain step |",
+        "|---|---|---|---|",
+        *(f"| {c['model']} | {c['set_size']} | {c['seconds']:.4f} | {c['ratio']:.2f}x |" for c in costs),
+    ]
 
 
 def summary(label: str, scored: list[dict[str, float | None]]) -> dict[str, Any]:
@@ -654,6 +684,7 @@ def parse_settings(argv: Sequence[str] | None) -> Settings:
     parser.add_argument("--cfg", type=float, help=f"joint guidance scale (default {FULL['cfg']})")
     parser.add_argument("--cost-sizes", type=int, nargs="+", help="set sizes timed (default 1 2 3 4 6 8)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--cost-only", action="store_true", help="only time the steps (Table 6), no training")
     args = parser.parse_args(argv)
     defaults = SMOKE if args.smoke else FULL
     values = {k: defaults[k] if getattr(args, k, None) is None else getattr(args, k) for k in defaults}
@@ -664,6 +695,7 @@ def parse_settings(argv: Sequence[str] | None) -> Settings:
         metrics_model=args.metrics_model,
         baseline=args.baseline,
         threads=args.threads,
+        cost_only=args.cost_only,
         **values,
     )
 

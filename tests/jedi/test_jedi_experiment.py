@@ -54,3 +54,10 @@ def test_smoke_run_writes_every_output_and_resumes(tmp_path: Path, capsys) -> No
     assert main(["--smoke", "--out", str(out), "--threads", "1"]) == 0  # finished stages are reused
     said = capsys.readouterr().out
     assert "training JeDi" not in said and "sampled 0 JeDi images" in said
+
+
+def test_cost_only_needs_no_training(tmp_path: Path) -> None:
+    out = tmp_path / "cost"
+    assert main(["--smoke", "--cost-only", "--out", str(out), "--threads", "1"]) == 0
+    assert (out / "cost.csv").is_file() and "| JeDi, joint guidance | 2 |" in (out / "cost.md").read_text()
+    assert not (out / "work" / "train").exists()

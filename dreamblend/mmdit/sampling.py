@@ -155,7 +155,7 @@ class MMDiTBlendMixin:
         if isinstance(spec, (str, os.PathLike)):
             subfolder = "transformer" if os.path.isdir(os.path.join(spec, "transformer")) else None
             model = cls.from_pretrained(spec, subfolder=subfolder, torch_dtype=self.transformer.dtype)
-            return model.to(self.transformer.device)
+            return model if model.device == self.transformer.device else model.to(self.transformer.device)
         raise TypeError(
             f"guidance_transformer must be a {cls.__name__}, a pipeline with one or a diffusers folder, "
             f"got {type(spec).__name__}"

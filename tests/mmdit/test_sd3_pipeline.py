@@ -140,3 +140,15 @@ def test_pairing_errors_speak_of_transformers(components):
     pipe = DreamBlendSD3Pipeline(**components)
     with pytest.raises(ValueError, match="pass an earlier checkpoint as guidance_transformer="):
         pipe(PROMPT, **CALL)
+
+
+def test_from_pipe_and_a_guidance_folder(components, guidance, tmp_path):
+    guidance.save_pretrained(tmp_path / "transformer")  # a pipeline folder's layout
+    stock = StableDiffusion3Pipeline(**components)
+    pipe = DreamBlendSD3Pipeline.from_pipe(stock, guidance_transformer=str(tmp_path))
+    assert pipe.transformer is components["transformer"]
+    assert pipe.guidance_transformer is not guidance  # loaded from the folder; the images below compare it
+    pipe.set_progress_bar_config(disable=True)
+    call = {"generator": torch.Generator().manual_seed(0), "output_type": "np", **CALL}
+    out = pipe(PROMPT, cross_attention_guidance_scale=0.0, return_reference=True, **call)
+    np.testing.assert_array_equal(out.reference_images, stock_images(components, guidance))

@@ -94,6 +94,7 @@ class BlendSession:
         self._stop: threading.Event | None = None
         self._metrics: list[Any] | None = None
         self._references: list[Image.Image] | None = None
+        self._tokenizer: Any = None  # kept apart from the pair: the page reads it while a run reloads
 
     # ------------------------------------------------------------------------------------------ models
 
@@ -114,14 +115,14 @@ class BlendSession:
                 allow_pickle=self.config.allow_pickle,
             )
             pipe.set_progress_bar_config(disable=True)
-            self._pair = (key, pipe, roles)
+            self._pair, self._tokenizer = (key, pipe, roles), pipe.tokenizer
         return self._pair[1], self._pair[2]
 
     def tokenizer(self) -> Any:
-        """The loaded pair's tokenizer (the default pair is loaded if none is)."""
-        if self._pair is None:
+        """The last loaded pair's tokenizer (the default pair is loaded if none was)."""
+        if self._tokenizer is None:
             self.pipeline(self.config.defaults.guidance, self.config.defaults.edit)
-        return self._pair[1].tokenizer
+        return self._tokenizer
 
     def words(self, prompt: str) -> list[str]:
         """The prompt's words as the text encoder splits them (each once), for the map chooser."""

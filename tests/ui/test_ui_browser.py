@@ -26,6 +26,7 @@ try:
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 except ImportError:
     pytest.skip(f"selenium is not installed; install it: {INSTALL}", allow_module_level=True)
@@ -139,3 +140,28 @@ def test_a_prompt_over_77_tokens_shows_its_error_in_the_page_and_the_page_stays_
     prompt.send_keys("a sks cube in the snow")
     assert _status_after(browser, "#run", "Done", "Error", "Stopped").startswith("Done")
     WebDriverWait(browser, 60).until(lambda d: _loaded_images(d, "#image-blend") == 1)
+
+
+def _set_steps(browser: webdriver.Chrome, steps: int) -> None:
+    field = browser.find_element(By.CSS_SELECTOR, "#steps input[type=number]")
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(str(steps), Keys.TAB)  # the slider takes the number when the field loses focus
+
+
+def test_stop_ends_a_long_run_and_the_next_run_works(url, browser):
+    _open(browser, url)
+    _set_steps(browser, 200)  # about a minute at one thread: long enough to be stopped mid-run
+    browser.find_element(By.CSS_SELECTOR, "#run").click()
+    WebDriverWait(browser, RUN_TIMEOUT).until(
+        lambda d: "sampling" in d.find_element(By.TAG_NAME, "body").text
+    )
+    browser.find_element(By.CSS_SELECTOR, "#stop").click()
+    status = browser.find_element(By.CSS_SELECTOR, "#status")
+    WebDriverWait(browser, RUN_TIMEOUT).until(lambda d: status.text.startswith(("Done", "Error", "Stopped")))
+    assert status.text.startswith("Stopped"), status.text
+    assert _loaded_images(browser, "#image-blend") == 0
+
+    _set_steps(browser, 3)
+    assert _status_after(browser, "#run", "Done", "Error", "Stopped").startswith("Done")
+    command = browser.find_element(By.CSS_SELECTOR, "#command textarea").get_attribute("value")
+    assert "--steps 3 " in command, command

@@ -143,3 +143,25 @@ def test_the_command_line_parses_back_to_the_runs_settings(config):
     assert (args.device, args.dtype, str(args.out), args.save_reference) == ("cpu", "float32", "x.png", True)
     every_step = build_parser().parse_args(generate_argv(config, config.defaults))
     assert every_step.guidance_steps is None
+
+
+def test_the_command_line_sets_up_the_app(config):
+    from dreamblend.commands.ui import app_config
+
+    g, e = (c.path for c in config.choices[::3][:2])
+    args = build_parser().parse_args(
+        ["ui", "--guidance-model", g, "--edit-model", e, "--prompt", "a sks cube"]
+    )
+    setup = app_config(args)
+    assert (setup.defaults.guidance, setup.defaults.edit, setup.defaults.prompt) == (g, e, "a sks cube")
+    assert setup.choices == config.choices  # the run holding G
+    assert (setup.model, setup.metrics) == (config.model, config.metrics)
+
+
+def test_the_command_refuses_bad_start_up_arguments_with_exit_code_2(tmp_path, capsys):
+    from dreamblend.cli import main
+
+    assert main(["ui", "--guidance-model", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["ui", "--references", str(tmp_path)]) == 2
+    assert "is not a folder of subject photos" in capsys.readouterr().err

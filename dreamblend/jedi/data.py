@@ -171,19 +171,31 @@ def encode_sets(
     device: torch.device,
     batch_size: int = 16,
 ) -> EncodedSets:
-    """VAE-encode every image of every set once (float32 posteriors)."""
-    members, captions, pixels = [], [], []
-    for entry in sets:
-        start = len(pixels)
-        pixels.extend(square_pixels(im, resolution) for im in entry.images())
-        members.append(list(range(start, len(pixels))))
-        captions.extend(entry.captions)
-    means, stds = [], []
-    for start in range(0, len(pixels), batch_size):
-        batch = torch.stack(pixels[start : start + batch_size]).to(device=device, dtype=vae.dtype)
+    """VAE-encode every image of every set once (float32 posteriors), a batch at a time, so only the
+    latents of a large data set are held in memory, never all of its pixels."""
+    members: list[list[int]] = []
+    captions: list[str] = []
+    means, stds, pending = [], [], []
+
+    def flush() -> None:
+        batch = torch.stack(pending).to(device=device, dtype=vae.dtype)
         dist = vae.encode(batch).latent_dist
         means.append(dist.mean.float())
         stds.append(dist.std.float())
-    time_ids = torch.zeros(len(pixels), 6, device=device)  # SDXL micro-conditioning: unused (SD1.x/2.x only)
+        pending.clear()
+
+    count = 0
+    for entry in sets:
+        images = entry.images()
+        members.append(list(range(count, count + len(images))))
+        captions.extend(entry.captions)
+        count += len(images)
+        for image in images:
+            pending.append(square_pixels(image, resolution))
+            if len(pending) == batch_size:
+                flush()
+    if pending:
+        flush()
+    time_ids = torch.zeros(count, 6, device=device)  # SDXL micro-conditioning: unused (SD1.x/2.x only)
     bank = LatentBank(torch.cat(means), torch.cat(stds), time_ids, float(vae.config.scaling_factor))
     return EncodedSets(bank, members, captions)

@@ -109,8 +109,8 @@ class JeDiTrainer(DreamBoothTrainer):
         if cfg.save_at is None:
             cfg.save_at = [cfg.max_steps]
         super().validate()
-        # The engine checks that instance_dir holds images; a folder-format data folder holds set folders.
-        if not self.sets[0].stacked and not any(p.is_file() for p in data_dir.iterdir()):
+        # The engine checks that instance_dir holds images; a data folder of set folders holds none itself.
+        if not any(s.stacked for s in self.sets):
             cfg.instance_dir = self.sets[0].path
 
     def setup(self) -> None:

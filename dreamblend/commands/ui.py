@@ -55,7 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     server.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    server.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    server.add_argument(
+        "--threads", type=int, help="CPU threads for torch (default: 1 on the small toy model, else torch's)"
+    )
     add_runtime_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -113,8 +115,9 @@ def run(args: argparse.Namespace) -> int:
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    threads = 1 if args.threads is None and args.model is None else args.threads
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         session = BlendSession(app_config(args))
         session.pipeline(session.config.defaults.guidance, session.config.defaults.edit)

@@ -139,3 +139,29 @@ def test_the_alpha_sweep_matches_the_blend_at_its_alpha_and_e_alone_at_zero(toy_
     assert [a for a, _ in strip] == [0.0, alpha]
     assert np.abs(strip[0][1].astype(int) - first.image("E alone")).max() <= 1
     assert np.abs(strip[1][1].astype(int) - first.image("DreamBlend")).max() <= 1
+
+
+def test_an_app_on_a_given_model_runs_without_metrics_and_reads_the_default_map_size(toy_session):
+    """``dreamblend ui --model ...``: no toy defaults, so no metrics and maps at a quarter of the latent."""
+    from dreamblend.cli import build_parser
+    from dreamblend.commands.ui import app_config
+    from dreamblend.ui.session import BlendSession
+
+    toy = toy_session.config
+    args = [
+        "ui",
+        "--model",
+        toy.model,
+        "--guidance-model",
+        toy.defaults.guidance,
+        "--edit-model",
+        toy.defaults.edit,
+    ]
+    config = app_config(build_parser().parse_args([*args, "--prompt", "a sks cube on the grass"]))
+    assert config.metrics == () and config.map_resolution is None and config.choices == toy.choices
+    session = BlendSession(config)
+    result = session.blend(replace(config.defaults, steps=2))
+    assert result.scores == {} and "no metrics configured" in result.score_note
+    assert [row.words for row in result.rows] == [("a", "sks", "cube", "on", "the", "grass")] * 3
+    assert result.rows[0].maps.shape[1:] == (4, 4)  # 16x16 latents: the 4x4 layers
+    assert result.command.startswith(f"dreamblend generate 'a sks cube on the grass' --model {toy.model} ")

@@ -238,7 +238,10 @@ class FluxDreamBlendProcessor(_MMDiTProcessor):
                 "(dreamblend.mmdit.attach does) and call the whole transformer"
             )
         if self._parallel_config is not None:
-            raise ValueError("capturing attention maps under context parallelism is not supported")
+            raise ValueError(
+                "capturing attention maps under context parallelism is not supported: each rank holds "
+                "only part of the sequence; run the DreamBlend call without a parallel config"
+            )
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         out = self._attend(attn, q, k, v, (0, self.text_length), mask)
         return None if out is None else out.transpose(1, 2)

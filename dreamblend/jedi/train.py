@@ -73,6 +73,7 @@ class JeDiTrainer(DreamBoothTrainer):
         self.image_set = ImageSet()
         self._batch: JeDiBatch | None = None
         self._hook: Any = None
+        self._processors: dict[str, Any] | None = None
 
     @property
     def set_size(self) -> int:
@@ -125,7 +126,7 @@ class JeDiTrainer(DreamBoothTrainer):
             self.unet = pipe.unet
             if cfg.gradient_checkpointing:
                 self.unet.enable_gradient_checkpointing()
-        install_joint_attention(self.unet, self.image_set)
+        self._processors = install_joint_attention(self.unet, self.image_set)
         self.data = encode_sets(self.sets, pipe.vae, self.resolution, self.device)
         self._hook = self.unet.register_forward_pre_hook(self._inpainting_input, with_kwargs=True)
         if cfg.mode == "lora":
@@ -138,9 +139,13 @@ class JeDiTrainer(DreamBoothTrainer):
         return (inpainting_input(sample, self._batch.known, self._batch.mask), *rest), kwargs
 
     def close(self) -> None:
+        """Leave the returned pipeline's UNet plain: no input hook, its own attention processors."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._processors is not None:
+            self.unet.set_attn_processor(self._processors)
+            self._processors = None
 
     def phase_parameters(self, index: int) -> dict[str, nn.Parameter]:
         if self._trainable is None:

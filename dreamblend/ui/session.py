@@ -106,14 +106,22 @@ class BlendSession:
         if self._pair is None or self._pair[0] != key:
             check_pair(self.config, guidance, edit)
             self._pair = None  # free the previous pair before loading the next
-            pipe, roles = load_dreamblend(
-                self.config.model,
-                ModelSpec(guidance),
-                ModelSpec(edit),
-                device=self.config.device,
-                torch_dtype=getattr(torch, self.config.dtype),
-                allow_pickle=self.config.allow_pickle,
-            )
+            try:
+                pipe, roles = load_dreamblend(
+                    self.config.model,
+                    ModelSpec(guidance),
+                    ModelSpec(edit),
+                    device=self.config.device,
+                    torch_dtype=getattr(torch, self.config.dtype),
+                    allow_pickle=self.config.allow_pickle,
+                )
+            except RuntimeError as exc:  # torch's state-dict size mismatches: weights of another model
+                lines = str(exc).strip().splitlines()
+                detail = " ".join(line.strip() for line in lines[:2]) + (" ..." if len(lines) > 2 else "")
+                raise SettingsError(
+                    f"G ({guidance or 'base'}) and E ({edit or 'base'}) do not fit the base model "
+                    f"{self.config.model}: {detail}; pick checkpoints fine-tuned from this base model"
+                ) from exc
             pipe.set_progress_bar_config(disable=True)
             self._pair, self._tokenizer = (key, pipe, roles), pipe.tokenizer
         return self._pair[1], self._pair[2]

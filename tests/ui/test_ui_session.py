@@ -165,3 +165,23 @@ def test_an_app_on_a_given_model_runs_without_metrics_and_reads_the_default_map_
     assert [row.words for row in result.rows] == [("a", "sks", "cube", "on", "the", "grass")] * 3
     assert result.rows[0].maps.shape[1:] == (4, 4)  # 16x16 latents: the 4x4 layers
     assert result.command.startswith(f"dreamblend generate 'a sks cube on the grass' --model {toy.model} ")
+
+
+def test_a_lora_of_another_shape_is_refused_and_the_session_stays_usable(toy_session, first, tmp_path):
+    """A LoRA whose matrices do not fit the base UNet (here: widened down-projections)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    defaults = toy_session.config.defaults
+    weights = load_file(f"{defaults.guidance}/pytorch_lora_weights.safetensors")
+    foreign = tmp_path / "foreign_lora.safetensors"
+    save_file(
+        {k: torch.zeros(v.shape[0], v.shape[1] + 3) if ".down." in k else v for k, v in weights.items()},
+        foreign,
+    )
+    with pytest.raises(
+        SettingsError, match=r"do not fit the base model .*size mismatch .*fine-tuned from this base"
+    ):
+        toy_session.blend(replace(defaults, guidance=str(foreign)))
+    again = toy_session.blend(defaults)
+    np.testing.assert_array_equal(again.image("DreamBlend"), first.image("DreamBlend"))

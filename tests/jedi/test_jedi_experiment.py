@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
+import pytest
 from PIL import Image
 
 from dreamblend.jedi.data import find_image_sets
@@ -61,3 +63,23 @@ def test_cost_only_needs_no_training(tmp_path: Path) -> None:
     assert main(["--smoke", "--cost-only", "--out", str(out), "--threads", "1"]) == 0
     assert (out / "cost.csv").is_file() and "| JeDi, joint guidance | 2 |" in (out / "cost.md").read_text()
     assert not (out / "work" / "train").exists()
+
+
+def test_masked_score_keeps_the_object_and_greys_the_setting() -> None:
+    """The box from the world encoder's layout head covers the true object mask on fresh renders."""
+    from dreamblend.toyworld.jedi_experiment import GREY, object_boxes
+    from dreamblend.toyworld.metrics import DEFAULT_WEIGHTS, WorldEncoder
+    from dreamblend.toyworld.subjects import subject_set
+
+    if not (DEFAULT_WEIGHTS / "model.safetensors").is_file():
+        pytest.skip("no shipped world-encoder weights")
+    encoder = WorldEncoder.load(DEFAULT_WEIGHTS)
+    samples = [s for subject in SUBJECTS for s in subject_set(subject, 4, seed=9)]
+    boxed = object_boxes(encoder, [Image.fromarray(s.rendered.image) for s in samples])
+    kept = greyed = 0.0
+    for sample, image in zip(samples, boxed, strict=True):
+        grey = (np.asarray(image) == GREY).all(axis=-1)
+        kept += (~grey[sample.rendered.mask]).mean() / len(samples)
+        greyed += grey[~sample.rendered.mask].mean() / len(samples)
+    assert kept > 0.97  # the object survives the mask
+    assert greyed > 0.6  # most of the setting is gone (the box also holds some background)

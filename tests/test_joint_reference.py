@@ -140,7 +140,6 @@ def test_float32_maps_for_half_inputs():
         (dict(text=(0, 8)), ValueError, "no image queries"),
         (dict(text=3), TypeError, "start, length"),
         (dict(text=(0, 3), tokens=[3]), ValueError, "out of range"),
-        (dict(text=(0, 3), backend="cpp"), ValueError, "no C\\+\\+ backend"),
         (dict(text=(0, 3), backend="nope"), ValueError, "unknown backend"),
     ],
 )

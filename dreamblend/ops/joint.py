@@ -20,8 +20,10 @@ text tokens (``tokens`` index the text block, default all of it): float32 ``(B, 
 head-mean ``(B, M_img, T)``. The guidance loss is the per-sample L1 of DESIGN §2, as
 ``guided_attention``: ``mean_h sum_{m,t} |A - ref|`` per head, ``sum_{m,t}`` in head-mean mode.
 
-Backends: ``"triton"`` (flash-style kernels, never a ``(B, H, L, L)`` tensor), ``"torch"`` (the
-reference, chunked over queries) and ``"auto"`` (triton on CUDA, else torch). There is no C++ path.
+Backends: ``"triton"`` (flash-style kernels, never a ``(B, H, L, L)`` tensor), ``"cpp"`` (CPU: the
+C++ cross-attention op on the image rows, ``dreamblend.ops.joint_cpp``; ``text_softmax=True`` runs the
+reference there), ``"torch"`` (the reference, chunked over queries) and ``"auto"`` (triton on CUDA,
+cpp on CPU when built, else torch).
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ from torch import Tensor
 
 from dreamblend.ops import (
     TokenSpec,
-    available_backends,
     check_qkv,
     joint_reference,
     normalize_tokens,
     reference,
     resolve_backend,
+    resolved_backend_name,
 )
 
 __all__ = ["joint_capture_attention", "joint_guided_attention", "joint_map_shape"]
@@ -62,11 +64,14 @@ def _check_text(text: tuple[int, int], length: int) -> tuple[int, int]:
 
 
 def _backend(backend: str, q: Tensor) -> ModuleType:
-    if backend == "cpp":
-        raise ValueError("joint attention has no C++ backend; use backend='auto', 'triton' or 'torch'")
-    if backend == "auto":
-        backend = "triton" if q.is_cuda and "triton" in available_backends() else "torch"
-    return joint_reference if backend == "torch" else resolve_backend(backend, q)
+    """The joint module for ``backend``; the cross-attention dispatcher's rules and errors decide which
+    backend ``"auto"`` means and whether a named one runs on ``q``'s device."""
+    name = resolved_backend_name(backend, q)
+    if name == "cpp":
+        from dreamblend.ops import joint_cpp  # only where the C++ module loaded (it imports it)
+
+        return joint_cpp
+    return joint_reference if name == "torch" else resolve_backend(name, q)
 
 
 def _prepare(q: Tensor, k: Tensor, v: Tensor, text, tokens: TokenSpec, scale: float | None):

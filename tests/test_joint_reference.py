@@ -116,7 +116,8 @@ def test_text_softmax_is_the_joint_map_renormalized_over_text():
     torch.testing.assert_close(text_only, joint / joint.sum(-1, keepdim=True), rtol=1e-12, atol=1e-12)
 
 
-def test_auto_on_cpu_is_the_reference():
+def test_auto_on_cpu_without_the_cpp_extension_is_the_reference(monkeypatch):
+    monkeypatch.setitem(ops._BACKENDS, "cpp", ImportError("not built"))
     (q, k, v), text = joint_qkv(1, 2, 3, 5, 8, text_first=True)
     out, maps = ops.joint_capture_attention(q, k, v, text=text)
     out_r, maps_r = ops.joint_capture_attention(q, k, v, text=text, backend="torch")

@@ -468,8 +468,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.models = args.models or (list(SMOKE_MODELS) if args.smoke else list(MODELS))
-    args.resolution = args.resolution or (64 if args.smoke else 1024)
-    args.repeats = args.repeats or (1 if args.smoke else 5)
+    if args.resolution is None:
+        args.resolution = 64 if args.smoke else 1024
+    if args.repeats is None:
+        args.repeats = 1 if args.smoke else 5
     if args.threads is None and args.smoke:
         args.threads = 1
     if args.out is None:

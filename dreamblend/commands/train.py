@@ -106,16 +106,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     db = methods.add_parser(
         "dreambooth",
-        help="full-UNet or LoRA DreamBooth (SD1.x/2.x/SDXL)",
-        description="DreamBooth on 'a photo of {token} {class}', with optional prior preservation.",
+        help="full-UNet or LoRA DreamBooth (SD1.x/2.x/SDXL), LoRA DreamBooth on SD3/FLUX transformers",
+        description="DreamBooth on 'a photo of {token} {class}', with optional prior preservation. SD3 and "
+        "FLUX models (found from --model's pipeline class) train LoRA with the flow-matching loss.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_common(db, token="sks", batch_size=1)
     g = db.add_argument_group("dreambooth")
     g.add_argument(
-        "--mode", choices=("full", "lora"), help="fine-tune the whole UNet or LoRA adapters (default full)"
+        "--mode",
+        choices=("full", "lora"),
+        help="fine-tune the whole UNet or LoRA adapters (default full; SD3/FLUX: lora only)",
     )
+    g.add_argument("--lora", dest="mode", action="store_const", const="lora", help="same as --mode lora")
     g.add_argument(
         "--lr", dest="learning_rate", type=float, help="learning rate (default 5e-6 full, 1e-4 lora)"
     )
@@ -127,6 +131,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
     g.add_argument("--lr-scheduler", help="diffusers scheduler name (default constant)")
     g.add_argument("--lr-warmup-steps", type=int, help="(default 0)")
+    f = db.add_argument_group("SD3 / FLUX (flow matching)")
+    f.add_argument(
+        "--weighting-scheme",
+        help="timestep density (logit_normal, mode) or loss weighting (sigma_sqrt, cosmap); default none",
+    )
+    f.add_argument(
+        "--guidance-scale", type=float, help="guidance input of guidance-distilled FLUX models (default 1.0)"
+    )
     p = db.add_argument_group("prior preservation")
     p.add_argument("--with-prior-preservation", dest="prior_preservation", action="store_true", default=None)
     p.add_argument("--class-dir", help="class images; missing ones are generated with the base model")

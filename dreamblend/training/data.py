@@ -75,12 +75,14 @@ def prepare_image(path: Path, resolution: int) -> PreparedImage:
 
 @dataclass
 class LatentBank:
-    """Cached VAE posteriors; ``sample`` draws scaled latents as ``latent_dist.sample`` would."""
+    """Cached VAE posteriors; ``sample`` draws latents as ``latent_dist.sample`` would, shifted and scaled
+    as the pipeline feeds its denoiser (SD3's and FLUX's VAEs have a shift; SD's none)."""
 
     mean: Tensor  # (N, C, h, w)
     std: Tensor
     time_ids: Tensor  # (N, 6): original size, crop top-left, target size (used by SDXL only)
     scaling_factor: float
+    shift_factor: float = 0.0
 
     def __len__(self) -> int:
         return self.mean.shape[0]
@@ -89,7 +91,8 @@ class LatentBank:
         """Latents of images ``index``, sample ``i`` drawn from ``generators[i]`` (CPU generators)."""
         idx = torch.as_tensor(index, device=self.mean.device)
         eps = torch.stack([torch.randn(self.mean.shape[1:], generator=g) for g in generators])
-        return (self.mean[idx] + self.std[idx] * eps.to(self.mean.device)) * self.scaling_factor
+        latents = self.mean[idx] + self.std[idx] * eps.to(self.mean.device)
+        return (latents - self.shift_factor) * self.scaling_factor
 
 
 @torch.no_grad()
@@ -109,7 +112,8 @@ def encode_images(
         dtype=torch.float32,
         device=device,
     )
-    return LatentBank(torch.cat(means), torch.cat(stds), time_ids, float(vae.config.scaling_factor))
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    return LatentBank(torch.cat(means), torch.cat(stds), time_ids, float(vae.config.scaling_factor), shift)
 
 
 @functools.lru_cache(maxsize=64)

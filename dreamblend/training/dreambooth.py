@@ -1,4 +1,4 @@
-"""DreamBooth fine-tuning (full UNet or LoRA) that writes a dense checkpoint trajectory.
+"""DreamBooth fine-tuning (full UNet or LoRA; LoRA on SD3/FLUX transformers) that writes a dense trajectory.
 
 DreamBlend needs an underfit guidance checkpoint and an overfit edit checkpoint of the same run, so
 the run saves many points (``--save-at paper``: 48 points over 1000 steps) rather than one result.
@@ -54,10 +54,16 @@ class DreamBoothConfig(TrainConfig):
     prior_loss_weight: float = 1.0
     class_inference_steps: int = 50
     class_batch_size: int = 4
+    # SD3 / FLUX (flow matching) only
+    weighting_scheme: str = "none"  # timestep density or loss weighting (see dreamblend.training.mmdit)
+    guidance_scale: float = 1.0  # the guidance input of guidance-distilled FLUX models during training
 
 
 class DreamBoothTrainer(Trainer):
     method = "dreambooth"
+    lora_targets: tuple[str, ...] = LORA_TARGET_MODULES
+    lora_component = "unet"  # the pipeline component the LoRA file's keys name
+    flow_matching = False
 
     def __init__(self, config: DreamBoothConfig) -> None:
         super().__init__(config)
@@ -86,6 +92,11 @@ class DreamBoothTrainer(Trainer):
             )
         if cfg.class_dir is not None and not cfg.prior_preservation:
             raise TrainingInputError("--class-dir is only used with --with-prior-preservation; add that flag")
+        if not self.flow_matching and (cfg.weighting_scheme, cfg.guidance_scale) != ("none", 1.0):
+            raise TrainingInputError(
+                "--weighting-scheme and --guidance-scale apply to SD3/FLUX models only; drop them for this "
+                "UNet model"
+            )
         fill_prompt(cfg.class_prompt, cfg.token, cfg.class_word)  # fail early on bad templates
         fill_prompt(cfg.instance_prompt, cfg.token, cfg.class_word)
 
@@ -126,7 +137,7 @@ class DreamBoothTrainer(Trainer):
         with torch.no_grad():
             for source, prompt in zip(sources, prompts, strict=True):
                 source.conditioning = encode_prompt(pipe, prompt, self.device)
-        for name in ("text_encoder", "text_encoder_2"):
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
             encoder = getattr(pipe, name, None)
             if encoder is not None:
                 encoder.to("cpu")  # conditioning is cached; the encoders are idle during training
@@ -135,28 +146,28 @@ class DreamBoothTrainer(Trainer):
             self._add_lora()
 
     def _add_lora(self) -> None:
-        """LoRA adapters in fp32 on a UNet kept in the mixed-precision dtype (its base weights are frozen)."""
+        """LoRA adapters in fp32 on a denoiser kept in the mixed-precision dtype (its base weights frozen)."""
         from peft import LoraConfig
 
         cfg = self.config
         alpha = cfg.lora_rank if cfg.lora_alpha is None else cfg.lora_alpha
-        self.unet.add_adapter(
+        self.denoiser.add_adapter(
             LoraConfig(
                 r=cfg.lora_rank,
                 lora_alpha=alpha,
                 init_lora_weights="gaussian",
-                target_modules=list(LORA_TARGET_MODULES),
+                target_modules=list(self.lora_targets),
             )
         )
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
         if dtype is not None:  # nn.Module.to: diffusers' own `to` warns about fp32-kept modules needlessly
-            nn.Module.to(self.unet, dtype=dtype)
+            nn.Module.to(self.denoiser, dtype=dtype)
         for param in self.phase_parameters(0).values():
             param.data = param.data.float()
 
     def phase_parameters(self, index: int) -> dict[str, nn.Parameter]:
         if self._trainable is None:
-            named = self.unet.named_parameters()
+            named = self.denoiser.named_parameters()
             if self.config.mode == "lora":
                 self._trainable = {n: p for n, p in named if "lora_" in n}
             else:
@@ -174,20 +185,26 @@ class DreamBoothTrainer(Trainer):
         return {"loss": loss, "loss_instance": instance, "loss_prior": prior}
 
     def write_checkpoint(self, directory: Path) -> dict[str, str | None]:
-        unet = self.unet
         if self.config.mode == "full":
-            unet.save_pretrained(directory / "unet", safe_serialization=True)
+            self.unet.save_pretrained(directory / "unet", safe_serialization=True)
             return {"unet": "unet", "lora": None, "embedding": None}
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        model, part = self.denoiser, self.lora_component
+        layers = get_peft_model_state_dict(model)
+        # diffusers' UNet scripts write the older lora.down/up names, its transformer scripts PEFT's.
+        if part == "unet":
+            layers = convert_state_dict_to_diffusers(layers)
+        # The pipeline's own writer: the file diffusers' DreamBooth-LoRA scripts write for this model.
         type(self.pipe).save_lora_weights(
             directory,
-            unet_lora_layers=layers,
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
             weight_name=LORA_WEIGHTS,
             safe_serialization=True,
+            **{
+                f"{part}_lora_layers": layers,
+                f"{part}_lora_adapter_metadata": model.peft_config["default"].to_dict(),
+            },
         )
         return {"unet": None, "lora": LORA_WEIGHTS, "embedding": None}
 
@@ -197,5 +214,11 @@ class DreamBoothTrainer(Trainer):
 
 
 def train_dreambooth(config: DreamBoothConfig) -> TrainingResult:
-    """Run DreamBooth fine-tuning; checkpoints land in ``config.output_dir`` (see module docs)."""
-    return DreamBoothTrainer(config).run()
+    """Run DreamBooth fine-tuning; checkpoints land in ``config.output_dir`` (see module docs).
+
+    SD3 and FLUX base models (LoRA only) go to :class:`~dreamblend.training.mmdit.MMDiTDreamBoothTrainer`.
+    """
+    from dreamblend.training.mmdit import MMDiTDreamBoothTrainer, is_mmdit_model
+
+    trainer = MMDiTDreamBoothTrainer if is_mmdit_model(config.pretrained_model) else DreamBoothTrainer
+    return trainer(config).run()

@@ -115,7 +115,7 @@ class Phase:
 
 @dataclass
 class Conditioning:
-    """Text conditioning of one prompt: ``embeds (1, N, C)``; SDXL adds ``pooled (1, P)``."""
+    """Text conditioning of one prompt: ``embeds (1, N, C)``; SDXL, SD3 and FLUX add ``pooled (1, P)``."""
 
     embeds: Tensor
     pooled: Tensor | None = None
@@ -137,7 +137,7 @@ class Batch:
     noise: Tensor
     timesteps: Tensor
     embeds: Tensor
-    added_cond: dict[str, Tensor] | None
+    added_cond: dict[str, Tensor] | None  # SDXL's pooled text embeds and time ids (MMDiT: its pooled embeds)
     n_instance: int
 
 
@@ -168,8 +168,16 @@ def fill_prompt(template: str, token: str, class_word: str) -> str:
 
 def encode_prompt(pipe, prompt: str, device: torch.device) -> Conditioning:
     """The conditioning the pipeline itself would compute for ``prompt`` (differentiable, no CFG)."""
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt, None, None, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return Conditioning(embeds, pooled)
+    if isinstance(pipe, FluxPipeline):  # its text ids are zeros, rebuilt from the sequence length
+        embeds, pooled, _ = pipe.encode_prompt(prompt, None, device=device, num_images_per_prompt=1)
+        return Conditioning(embeds, pooled)
     if isinstance(pipe, StableDiffusionXLPipeline):
         embeds, _, pooled, _ = pipe.encode_prompt(
             prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
@@ -222,14 +230,19 @@ class Trainer(ABC):
         if cfg.mixed_precision is not None:
             check_choice(cfg.mixed_precision, ("no", "fp16", "bf16"), "--mixed-precision")
 
+    @property
+    def denoiser(self) -> nn.Module:
+        """The network the run fine-tunes: the UNet here, an MMDiT trainer's transformer."""
+        return self.unet
+
     def setup(self) -> None:
         """Load the model and data (subclasses extend this)."""
-        from diffusers import (
-            DDPMScheduler,
-            DiffusionPipeline,
-            StableDiffusionPipeline,
-            StableDiffusionXLPipeline,
-        )
+        self.load_pipeline()
+        self.setup_denoiser()
+
+    def load_pipeline(self) -> None:
+        """The base pipeline in float32, frozen, on the CPU (the denoiser's setup moves it)."""
+        from diffusers import DiffusionPipeline
 
         cfg = self.config
         try:
@@ -246,15 +259,21 @@ class Trainer(ABC):
                 f"cannot load the base model {cfg.pretrained_model!r} ({exc}); pass --model a local "
                 "diffusers pipeline folder (or a hub id when online)"
             ) from None
+        self.pipe.set_progress_bar_config(disable=True)
+        for module in self.pipe.components.values():
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False)
+
+    def setup_denoiser(self) -> None:
+        """Check the pipeline is a UNet model this trainer handles; set up its noise schedule and size."""
+        from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        cfg = self.config
         if not isinstance(self.pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
             raise TrainingInputError(
                 f"{type(self.pipe).__name__} is not supported; train SD1.x/2.x (StableDiffusionPipeline) or "
                 "SDXL (StableDiffusionXLPipeline) models"
             )
-        self.pipe.set_progress_bar_config(disable=True)
-        for module in self.pipe.components.values():
-            if isinstance(module, nn.Module):
-                module.requires_grad_(False)
         self.unet = self.pipe.unet
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         prediction = self.noise_scheduler.config.prediction_type
@@ -409,14 +428,13 @@ class Trainer(ABC):
         """
         cfg, acc = self.config, self.accelerator
         positions = sample_positions(step, cfg.batch_size, rank=acc.process_index, world=acc.num_processes)
-        steps = self.noise_scheduler.config.num_train_timesteps
         latents, noise, timesteps, embeds, pooled, time_ids = [], [], [], [], [], []
         for k, source in enumerate(self.sources):
             idx = [image_at(len(source.bank), pos, seed=derive_seed(cfg.seed, k)) for pos in positions]
             generators = [torch.Generator().manual_seed(derive_seed(cfg.seed, k, pos)) for pos in positions]
             latents.append(source.bank.sample(idx, generators))
             noise.append(torch.stack([torch.randn(latents[-1].shape[1:], generator=g) for g in generators]))
-            timesteps.append(torch.cat([torch.randint(0, steps, (1,), generator=g) for g in generators]))
+            timesteps.append(self.draw_timesteps(generators))
             cond = self.condition(k)
             embeds.append(cond.embeds.expand(len(idx), -1, -1))
             if cond.pooled is not None:
@@ -432,6 +450,26 @@ class Trainer(ABC):
             cfg.batch_size,
         )
 
+    def draw_timesteps(self, generators: Sequence[torch.Generator]) -> Tensor:
+        """One training timestep per sample, sample ``i`` drawn from ``generators[i]``."""
+        steps = self.noise_scheduler.config.num_train_timesteps
+        return torch.cat([torch.randint(0, steps, (1,), generator=g) for g in generators])
+
+    def predict(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The denoiser's prediction on the noised batch and its regression target (epsilon or v)."""
+        noisy = self.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+        if self.noise_scheduler.config.prediction_type == "epsilon":
+            target = batch.noise
+        else:
+            target = self.noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
+        pred = self.unet(
+            noisy,
+            batch.timesteps,
+            batch.embeds.to(self.unet.dtype),
+            added_cond_kwargs=batch.added_cond,
+        ).sample
+        return pred, target
+
     def _train_step(self, step: int, params: list[nn.Parameter], optimizer, scheduler) -> dict[str, Tensor]:
         """One optimizer step; returns loss terms (averaged over processes), lr and grad norm as tensors."""
         acc, cfg = self.accelerator, self.config
@@ -439,17 +477,7 @@ class Trainer(ABC):
         with self.capture():
             with acc.autocast():
                 batch = self.make_batch(step)
-                noisy = self.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
-                if self.noise_scheduler.config.prediction_type == "epsilon":
-                    target = batch.noise
-                else:
-                    target = self.noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
-                pred = self.unet(
-                    noisy,
-                    batch.timesteps,
-                    batch.embeds.to(self.unet.dtype),
-                    added_cond_kwargs=batch.added_cond,
-                ).sample
+                pred, target = self.predict(batch)
                 terms = self.losses(pred, target, batch)
             acc.backward(terms["loss"])
         self._average_gradients(params)
@@ -482,7 +510,7 @@ class Trainer(ABC):
         from diffusers.optimization import get_scheduler
 
         self.phase_index = index
-        self.unet.train()
+        self.denoiser.train()
         trainable = self.phase_parameters(index)
         for name, param in self._all_trainable().items():
             param.requires_grad_(name in trainable)
@@ -546,7 +574,11 @@ class Trainer(ABC):
                 "--resume (states are written every --state-every steps)"
             )
         previous = json.loads((self.out / RUN_FILE).read_text(encoding="utf-8"))
-        changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        # A setting added to the config after the run started counts as left at its default.
+        defaults = {f.name: f.default for f in dataclasses.fields(self.config)}
+        changed = sorted(
+            k for k in set(previous) | set(settings) if previous.get(k, defaults.get(k)) != settings.get(k)
+        )
         if changed:
             detail = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
             raise TrainingInputError(

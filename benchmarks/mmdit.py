@@ -6,8 +6,8 @@ are built from the published configs below with seeded random weights (no downlo
 depend on the weights); ``--blocks`` truncates the depth at full width, since FLUX.1-dev (12 B
 parameters) fits no 24 GB device. Peers:
 
-- ``floor``: stock processors, forward + backward to the latent from a loss on the prediction: the
-  compute any guided step costs, without maps;
+- ``floor``: stock processors, forward + backward to the latent from a zero-weighted sum of the joint
+  layers' attention outputs: the passes any guided step runs, without maps;
 - ``ours``: ``dreamblend.mmdit`` processors, ``backend="auto"`` (triton on CUDA, C++ on CPU);
 - ``ours_torch``: the same with the chunked-recompute torch reference (run when auto picks another);
 - ``eager``: the hand-written way: SDPA replaced by an explicit ``(B, H, L, L)`` softmax while the
@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
@@ -276,13 +276,42 @@ class EagerJointMaps:
             hook.remove()
 
 
+class ZeroWeightedOutputs:
+    """The floor's stand-in for maps: a zero-weighted sum of every joint layer's attention output as
+    the "loss", so the stock forward and an input-gradient backward through every joint layer run as
+    in a guided step (DESIGN §6's guided floor), with no map, softmax or L1 of any kind."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.maps: dict[str, Tensor] = {}
+        self._outputs: list[Tensor] | None = None
+        self._hooks = [m.register_forward_hook(self._keep) for m in model.modules() if is_joint_attention(m)]
+
+    def _keep(self, module: nn.Module, args: object, output: Tensor | tuple[Tensor, ...]) -> None:
+        if self._outputs is not None:
+            self._outputs += output if isinstance(output, tuple) else [output]
+
+    @property
+    def loss(self) -> Tensor:
+        return sum((o.float() * 0).sum() for o in self._outputs or ())
+
+    @contextmanager
+    def guide(self, ref: dict[str, Tensor]) -> Iterator[ZeroWeightedOutputs]:
+        self._outputs = []
+        try:
+            yield self
+        finally:
+            self._outputs = None
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
 @contextmanager
 def peer_maps(peer: str, model: nn.Module, text: tuple[int, int]) -> Iterator[Any]:
-    """What records and guides for ``peer`` while the block runs (None for the floor)."""
-    if peer == "floor":
-        yield None
-    elif peer == "eager":
-        maps = EagerJointMaps(model, text)
+    """What records and guides for ``peer`` while the block runs."""
+    if peer in ("floor", "eager"):
+        maps = ZeroWeightedOutputs(model) if peer == "floor" else EagerJointMaps(model, text)
         try:
             yield maps
         finally:
@@ -300,25 +329,19 @@ def guided_step(
 ) -> Callable[[], Tensor]:
     """E's guided inner step for ``peer`` (reference maps recorded first, untimed)."""
     inputs, latent_name = spec.inputs(model, args.resolution, args.batch)
-    text = spec.text(args.resolution)
-    stack = peer_maps(peer, model, text)
+    stack = peer_maps(peer, model, spec.text(args.resolution))
     maps = stack.__enter__()
-    weights = None
-    if maps is not None:
+    ref = {}
+    if peer != "floor":
         with torch.no_grad(), maps.record():
             model(**inputs, return_dict=False)
         ref = {name: m * 0.9 for name, m in maps.maps.items()}  # a reference the maps are off from
 
     def step() -> Tensor:
-        nonlocal weights
         latent = inputs[latent_name].detach().requires_grad_()
-        with nullcontext() if maps is None else maps.guide(ref):
-            pred = model(**{**inputs, latent_name: latent}, return_dict=False)[0]
-            if maps is None:  # floor: any loss on the prediction backpropagates through every block
-                weights = torch.randn_like(pred) if weights is None else weights
-                loss = (pred * weights).float().sum()
-            else:
-                loss = maps.loss.sum()
+        with maps.guide(ref):
+            model(**{**inputs, latent_name: latent}, return_dict=False)
+            loss = maps.loss.sum()
         (grad,) = torch.autograd.grad(loss, latent)
         return grad
 

@@ -34,7 +34,8 @@ from dreamblend.training.engine import Batch, check_choice
 from dreamblend.training.errors import TrainingInputError
 
 # Both streams' projections of every attention layer (SD3.5's image-only ``attn2`` and FLUX's
-# single-stream blocks included): the attention LoRA of diffusers' SD3/FLUX DreamBooth-LoRA scripts.
+# single-stream blocks included), the attention targets of diffusers' SD3/FLUX DreamBooth-LoRA scripts;
+# feed-forward layers stay frozen (DreamBlend's guidance reads and steers attention).
 MMDIT_LORA_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
 )  # fmt: skip

@@ -19,10 +19,17 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from dreamblend.cli import main
-from dreamblend.training import DreamBoothConfig, TrainingInputError, read_trajectory, train_dreambooth
-from dreamblend.training.data import derive_seed, image_at, list_images
+from dreamblend.training import (
+    DreamBoothConfig,
+    TrainingInputError,
+    load_checkpoint,
+    read_trajectory,
+    train_dreambooth,
+)
+from dreamblend.training.data import derive_seed, image_at, list_images, prepare_image
 from dreamblend.training.mmdit import MMDiTDreamBoothTrainer, is_mmdit_model
 
+# The tiny SD3/FLUX builders live beside the MMDiT pipeline tests (pytest puts only this folder on the path).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mmdit"))
 from mmdit_helpers import tiny_flux_components, tiny_sd3_components  # noqa: E402
 
@@ -150,6 +157,7 @@ def test_noising_target_and_inputs_follow_the_flow_matching_formulas(bases, two_
     conditioning = trainer.sources[0].conditioning
     embeds, pooled = conditioning.embeds.expand(2, -1, -1), conditioning.pooled.expand(2, -1)
     expected = model_inputs(name, pipe, noisy.float(), sigma.float(), embeds, pooled)
+    # float32 arithmetic vs float64 formulas on O(1) values: errors of a few ulps (~1e-7), far below 1e-5.
     assert set(expected) <= set(seen)
     for key, value in expected.items():
         torch.testing.assert_close(seen[key].double(), value.double(), rtol=1e-5, atol=1e-6, msg=key)
@@ -157,6 +165,7 @@ def test_noising_target_and_inputs_follow_the_flow_matching_formulas(bases, two_
 
     # The loss: per-sample weighted squared error of the velocity, averaged.
     terms = trainer.losses(pred, target, batch)
+    # float32 mean over ~2k elements vs float64: relative error ~sqrt(2k) * 6e-8 = 3e-6 at most.
     by_hand = (weight.view(-1, 1, 1, 1) * (pred.double() - (noise - x0)) ** 2).mean()
     torch.testing.assert_close(terms["loss"].double(), by_hand, rtol=1e-5, atol=0)
 
@@ -164,8 +173,6 @@ def test_noising_target_and_inputs_follow_the_flow_matching_formulas(bases, two_
 @torch.no_grad()
 def fixed_batch_loss(name: str, pipe, transformer, images) -> float:
     """Flow-matching loss on the training images at fixed noise and noise levels (no sampling noise)."""
-    from dreamblend.training.data import prepare_image
-
     pixels = torch.stack([prepare_image(p, 32).pixels for p in images])
     vae = pipe.vae
     x0 = (vae.encode(pixels).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
@@ -180,10 +187,7 @@ def fixed_batch_loss(name: str, pipe, transformer, images) -> float:
         sigma = torch.full((len(images),), level)
         noisy = (1 - level) * x0 + level * noise
         pred = transformer(**model_inputs(name, pipe, noisy, sigma, embeds, pooled), return_dict=False)[0]
-        if name == "flux":
-            target = pack(noise - x0)
-        else:
-            target = noise - x0
+        target = pack(noise - x0) if name == "flux" else noise - x0
         total.append(torch.nn.functional.mse_loss(pred, target))
     return float(torch.stack(total).mean())
 
@@ -202,22 +206,22 @@ def test_lora_learns_trains_only_lora_and_saves_a_trajectory(bases, two_dogs, tm
     base = DiffusionPipeline.from_pretrained(bases[name])
     trained = result.pipeline.transformer
     untouched = base.transformer.state_dict()
-    changed = {"lora": 0, "other": 0}
     for key, value in trained.state_dict().items():
-        kind = "lora" if "lora_" in key else "other"
-        reference = untouched[key.replace(".base_layer", "")] if kind == "other" else None
-        if kind == "other":
-            changed[kind] += not torch.equal(value, reference)
-        elif "lora_B" in key:  # B starts at zero
-            changed[kind] += bool(value.abs().max() > 0)
-    assert changed["other"] == 0 and changed["lora"] > 0
+        if "lora_" not in key:
+            assert torch.equal(value, untouched[key.replace(".base_layer", "")]), key
+    # B starts at zero; a few stay there (SD3's last block drops its text stream: add_q_proj gets no grad).
+    lora_b = [v for k, v in trained.state_dict().items() if "lora_B" in k]
+    assert sum(bool(v.abs().max() > 0) for v in lora_b) > len(lora_b) // 2
 
     images = list_images(two_dogs, flag="--instance-dir")
     before = fixed_batch_loss(name, base, base.transformer, images)
     after = fixed_batch_loss(name, base, trained, images)
     assert after < 0.9 * before, (before, after)
+    reloaded = load_checkpoint(out / "checkpoint-30")  # the base model from the manifest + the LoRA file
+    assert fixed_batch_loss(name, base, reloaded.transformer, images) == pytest.approx(after, rel=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")  # G and E: two adapters
 @pytest.mark.parametrize("name", MODELS)
 def test_checkpoints_load_unchanged_as_dreamblend_guidance_and_edit(bases, two_dogs, tmp_path, name):
     from dreamblend.mmdit import DreamBlendFluxPipeline, DreamBlendSD3Pipeline

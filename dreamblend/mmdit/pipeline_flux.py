@@ -28,7 +28,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from dreamblend.mmdit.sampling import FlowScheduler, MMDiTBlendMixin, MMDiTSampler, pack, unpack
+from dreamblend.mmdit.sampling import FlowScheduler, MMDiTBlendMixin, attention_store, pack, unpack
 from dreamblend.pipelines.blend import (
     AdapterSpec,
     AttentionCallback,
@@ -37,10 +37,9 @@ from dreamblend.pipelines.blend import (
     GuidanceSteps,
     check_schedule,
     resolve_alpha,
-    resolve_guided_steps,
 )
-from dreamblend.store import AttentionStore, LayerSpec
-from dreamblend.tokens import has_words
+from dreamblend.store import LayerSpec
+from dreamblend.tokens import TextSegment
 
 
 class DreamBlendFluxPipeline(MMDiTBlendMixin, FluxPipeline):
@@ -78,7 +77,7 @@ class DreamBlendFluxPipeline(MMDiTBlendMixin, FluxPipeline):
         self.register_modules(guidance_transformer=self._load_guidance(guidance_transformer))
 
     def _step_callback(
-        self, callback: Callable | None, tensor_inputs: Any, i: int, t: Tensor, latents: Tensor
+        self, callback: Callable | None, tensor_inputs: Sequence[str], i: int, t: Tensor, latents: Tensor
     ) -> Tensor:
         """Callbacks see packed latents, as ``FluxPipeline``'s do."""
         if callback is None:
@@ -129,7 +128,7 @@ class DreamBlendFluxPipeline(MMDiTBlendMixin, FluxPipeline):
         latents: Tensor | None = None,
         guidance_steps: GuidanceSteps = None,
         attention_layers: LayerSpec | list[LayerSpec] | None = None,
-        attention_tokens: list[int] | None = None,
+        attention_tokens: list[int | str] | None = None,
         head_mean: bool = False,
         attention_backend: str = "auto",
         schedule: str = "lockstep",
@@ -146,10 +145,11 @@ class DreamBlendFluxPipeline(MMDiTBlendMixin, FluxPipeline):
         """Generate with E under G's joint-attention guidance (Algorithm 1 on FLUX).
 
         DreamBlend arguments as in :meth:`dreamblend.DreamBlendPipeline.__call__`
-        (``cross_attention_guidance_scale`` is alpha; 0 gives the stock pipeline's images with E), except
-        ``attention_tokens``: positions in the T5 tokenization of the prompt
-        (``pipe.tokenizer_2(prompt).input_ids``), not words. ``guidance_scale`` is FLUX's distilled
-        guidance input. The default alpha is the SD1.5 paper's, not calibrated for FLUX.
+        (``cross_attention_guidance_scale`` is alpha; 0 gives the stock pipeline's images with E);
+        ``attention_tokens`` words resolve in the T5 tokenization of ``prompt_2`` (default ``prompt``),
+        and integers are positions in it (``pipe.tokenizer_2(prompt).input_ids``: no start token).
+        ``guidance_scale`` is FLUX's distilled guidance input. The default alpha is the SD1.5 paper's,
+        not calibrated for FLUX.
 
         Returns:
             :class:`~dreamblend.DreamBlendPipelineOutput`, or ``(images, reference_images)``.
@@ -166,12 +166,6 @@ class DreamBlendFluxPipeline(MMDiTBlendMixin, FluxPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             max_sequence_length=max_sequence_length,
         )
-        if has_words(attention_tokens):
-            raise ValueError(
-                f"attention_tokens {attention_tokens} name words; FLUX's maps index the T5 tokens of "
-                "tokenizer_2, and words are resolved for CLIP tokenizers only: pass positions from "
-                "pipe.tokenizer_2(prompt).input_ids"
-            )
         alpha = resolve_alpha(cross_attention_guidance_scale, "epsilon")
         check_schedule(schedule)
         pair = self._model_pair(guidance_adapter, edit_adapter)
@@ -199,7 +193,6 @@ class DreamBlendFluxPipeline(MMDiTBlendMixin, FluxPipeline):
         cell = self.vae_scale_factor * 2  # latents are 2x2-patch tokens of the VAE's grid
         latents = unpack(packed, 2 * (int(height) // cell), 2 * (int(width) // cell)).float()
         timesteps = self._timesteps(num_inference_steps, sigmas, packed.shape[1])
-        self._num_timesteps = len(timesteps)
         kwargs: dict[str, Any] = {"pooled_projections": pooled, "txt_ids": text_ids, "img_ids": image_ids}
         if self.transformer.config.guidance_embeds:
             kwargs["guidance"] = float(guidance_scale)  # a float32 tensor once in the model call
@@ -207,22 +200,27 @@ class DreamBlendFluxPipeline(MMDiTBlendMixin, FluxPipeline):
         cond = Conditioning(embeds, 1.0, kwargs)
 
         # 3. G records reference maps, E follows them (DESIGN §2)
-        store = AttentionStore(attention_tokens, head_mean, attention_layers, attention_backend)
-        sampler = MMDiTSampler(
+        # FLUX's text block is T5's tokens alone (CLIP gives only the pooled embedding).
+        segments = None if prompt is None else [
+            TextSegment(self.tokenizer_2, prompt_2 or prompt, 0, max_sequence_length)
+        ]  # fmt: skip
+        store = attention_store(segments, attention_tokens, head_mean, attention_layers, attention_backend)
+        latents, g_latents = self._sample(
             pair,
-            store,
             cond,
+            store,
             FlowScheduler(self.scheduler),
+            timesteps,
+            latents,
             alpha=alpha,
-            guided_steps=resolve_guided_steps(guidance_steps, len(timesteps)),
-            num_steps=len(timesteps),
+            guidance_steps=guidance_steps,
+            schedule=schedule,
             return_reference=return_reference,
             edit_step_kwargs={},
             guidance_step_kwargs={},
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             attention_callback=attention_callback,
-        )
-        latents, g_latents = self._run(
-            sampler, timesteps, latents, schedule, callback_on_step_end, callback_on_step_end_tensor_inputs
         )
 
         # 4. Decode E's image (and G's reference)

@@ -26,19 +26,18 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
 from torch import Tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from dreamblend.mmdit.sampling import FlowScheduler, MMDiTBlendMixin, MMDiTSampler
+from dreamblend.mmdit.sampling import FlowScheduler, MMDiTBlendMixin, attention_store
 from dreamblend.pipelines.blend import (
     AdapterSpec,
     AttentionCallback,
     Conditioning,
-    DreamBlendMixin,
     DreamBlendPipelineOutput,
     GuidanceSteps,
     check_schedule,
     resolve_alpha,
-    resolve_guided_steps,
 )
 from dreamblend.store import LayerSpec
+from dreamblend.tokens import TextSegment
 
 
 class DreamBlendSD3Pipeline(MMDiTBlendMixin, StableDiffusion3Pipeline):
@@ -50,6 +49,7 @@ class DreamBlendSD3Pipeline(MMDiTBlendMixin, StableDiffusion3Pipeline):
     ``guidance_adapter=`` / ``edit_adapter=`` in the call. Maps are the image-query x text-key block of
     each joint attention (text tokens: CLIP's 77, then T5's, as SD3 concatenates them), captured
     from G's conditional branch and followed by E through one gradient step on the latent per step.
+    A word in ``attention_tokens`` selects its CLIP positions and, with a T5 encoder, its T5 ones.
     """
 
     model_cpu_offload_seq = (
@@ -101,6 +101,19 @@ class DreamBlendSD3Pipeline(MMDiTBlendMixin, StableDiffusion3Pipeline):
             self.scheduler, num_inference_steps, latents.device, sigmas=sigmas, **kwargs
         )
         return timesteps
+
+    def _text_segments(
+        self, prompt: str | list[str] | None, prompt_3: str | list[str] | None, max_sequence_length: int
+    ) -> list[TextSegment] | None:
+        """SD3's text block: CLIP's tokens of ``prompt`` (CLIP-L's positions; CLIP-G's lie alongside in
+        the channels), then T5's of ``prompt_3`` (default ``prompt``) when there is a T5 encoder."""
+        if prompt is None:
+            return None
+        clip = self.tokenizer_max_length
+        segments = [TextSegment(self.tokenizer, prompt, 0, clip)]
+        if self.text_encoder_3 is not None:
+            segments.append(TextSegment(self.tokenizer_3, prompt_3 or prompt, clip, max_sequence_length))
+        return segments
 
     def _decode(self, latents: Tensor, output_type: str) -> Any:
         if output_type == "latent":
@@ -198,28 +211,31 @@ class DreamBlendSD3Pipeline(MMDiTBlendMixin, StableDiffusion3Pipeline):
             latents,
         ).float()  # fmt: skip
         timesteps = self._timesteps(num_inference_steps, sigmas, mu, latents)
-        self._num_timesteps = len(timesteps)
 
         # 3. G records reference maps, E follows them (DESIGN §2)
-        # Words become CLIP-L positions, which lead SD3's text block (CLIP 77, then T5).
-        store = DreamBlendMixin._attention_store(
-            self, prompt, attention_tokens, head_mean, attention_layers, attention_backend
+        store = attention_store(
+            self._text_segments(prompt, prompt_3, max_sequence_length),
+            attention_tokens,
+            head_mean,
+            attention_layers,
+            attention_backend,
         )
-        sampler = MMDiTSampler(
+        latents, g_latents = self._sample(
             pair,
-            store,
             cond,
+            store,
             FlowScheduler(self.scheduler),
+            timesteps,
+            latents,
             alpha=alpha,
-            guided_steps=resolve_guided_steps(guidance_steps, len(timesteps)),
-            num_steps=len(timesteps),
+            guidance_steps=guidance_steps,
+            schedule=schedule,
             return_reference=return_reference,
             edit_step_kwargs={},
             guidance_step_kwargs={},
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             attention_callback=attention_callback,
-        )
-        latents, g_latents = self._run(
-            sampler, timesteps, latents, schedule, callback_on_step_end, callback_on_step_end_tensor_inputs
         )
 
         # 4. Decode E's image (and G's reference)

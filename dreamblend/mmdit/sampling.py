@@ -1,20 +1,20 @@
-"""What the MMDiT pipelines (SD3, FLUX) share: G/E pairing, the model call, the DreamBlend loop.
+"""What the MMDiT pipelines (SD3, FLUX) share: G/E pairing, the model call, the word positions.
 
 The machinery of :mod:`dreamblend.pipelines.blend` (model pairing, the CFG step, the guided update,
-the sampler) is written against the UNet calling convention ``model(sample, t,
-encoder_hidden_states=..., **kwargs)`` on ``(B, C, H, W)`` latents. :class:`TransformerCall` puts a
-transformer behind that convention (FLUX's packing of 2x2 patches included: the loop keeps latents
-unpacked, which the elementwise flow-matching step does not notice), and :class:`FlowScheduler`
-gives the flow-matching scheduler the identity ``scale_model_input`` the sampler calls, so the
-MMDiT pipelines reuse that code instead of copying it.
+the sampler and its loop, :class:`~dreamblend.pipelines.blend.BlendLoop`) is written against the
+UNet calling convention ``model(sample, t, encoder_hidden_states=..., **kwargs)`` on ``(B, C, H, W)``
+latents. :class:`TransformerCall` puts a transformer behind that convention (FLUX's packing of 2x2
+patches included: the loop keeps latents unpacked, which the elementwise flow-matching step does not
+notice), :class:`FlowScheduler` gives the flow-matching scheduler the identity ``scale_model_input``
+the sampler calls, and :class:`MMDiTSampler` installs the joint-attention processors, so the MMDiT
+pipelines reuse that code instead of copying it.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,11 +24,13 @@ from torch import Tensor, nn
 from dreamblend.mmdit.processors import attach
 from dreamblend.pipelines.blend import (
     AdapterSpec,
+    BlendLoop,
     DreamBlendSampler,
     ModelPair,
     check_shares_components,
-    step_callback,
 )
+from dreamblend.store import AttentionStore, LayerSpec
+from dreamblend.tokens import TextSegment, TokenSelection, has_words, resolve_text_tokens
 
 
 class TransformerCall:
@@ -106,6 +108,9 @@ def pack(latents: Tensor) -> Tensor:
 class TransformerPair(ModelPair):
     """:class:`ModelPair` whose :meth:`use` hands out the role's transformer as a :class:`TransformerCall`."""
 
+    noun = "transformer"
+    guidance_argument = "guidance_transformer"
+
     def use(self, role: str) -> TransformerCall:  # type: ignore[override]
         model = super().use(role)
         return (FluxCall if isinstance(model, FluxTransformer2DModel) else TransformerCall)(model)
@@ -130,17 +135,35 @@ class FlowScheduler:
 class MMDiTSampler(DreamBlendSampler):
     """The shared sampler with the MMDiT processors installed on G and E instead of the UNet ones."""
 
-    @contextmanager
-    def session(self) -> Iterator[MMDiTSampler]:
-        with ExitStack() as stack:
-            stack.enter_context(self.pair.session())
-            for model in self.pair.distinct_unets():
-                stack.enter_context(attach(model, self.store))
-            yield self
+    install = staticmethod(attach)
 
 
-class MMDiTBlendMixin:
-    """Loading and pairing G, and the DreamBlend loop, for pipelines with a ``transformer``."""
+def attention_store(
+    segments: Sequence[TextSegment] | None,
+    tokens: TokenSelection | None,
+    head_mean: bool,
+    layers: LayerSpec | Sequence[LayerSpec] | None,
+    backend: str,
+) -> AttentionStore:
+    """The call's store; words in ``attention_tokens`` become positions in the joint text block here.
+
+    ``segments``: the text encoders' parts of the text block and the prompts they read (None when the
+    call got embeddings instead of prompts).
+    """
+    if has_words(tokens):
+        if segments is None:
+            raise ValueError(
+                f"attention_tokens {list(tokens)} name words, but no prompt text was given "
+                "(prompt_embeds); pass the prompt, or token indices"
+            )
+        tokens = resolve_text_tokens(segments, tokens)
+    return AttentionStore(tokens, head_mean, layers, backend)
+
+
+class MMDiTBlendMixin(BlendLoop):
+    """Loading and pairing G for pipelines with a ``transformer``; the loop is :class:`BlendLoop`'s."""
+
+    sampler_class = MMDiTSampler
 
     def _load_guidance(self, spec: Any) -> nn.Module | None:
         """G's transformer from a transformer, a pipeline sharing this one's components, or a folder."""
@@ -162,51 +185,11 @@ class MMDiTBlendMixin:
         )
 
     def _model_pair(self, guidance_adapter: AdapterSpec, edit_adapter: AdapterSpec) -> TransformerPair:
-        try:
-            return TransformerPair.resolve(
-                self.transformer,
-                self.guidance_transformer,
-                guidance_adapter,
-                edit_adapter,
-                text_width=None,
-                latent_channels=self.transformer.config.in_channels,
-            )
-        except ValueError as exc:
-            # The shared pairing speaks of UNets; here the models and the argument are transformers.
-            message = (
-                str(exc).replace("guidance_unet=", "guidance_transformer=").replace("UNet", "transformer")
-            )
-            raise ValueError(message) from None
-
-    def _step_callback(
-        self, callback: Callable | None, tensor_inputs: Any, i: int, t: Tensor, latents: Tensor
-    ) -> Tensor:
-        return step_callback(self, callback, tensor_inputs, i, t, latents)
-
-    def _run(
-        self,
-        sampler: MMDiTSampler,
-        timesteps: Tensor,
-        latents: Tensor,
-        schedule: str,
-        callback: Callable | None,
-        tensor_inputs: Any,
-    ) -> tuple[Tensor, Tensor]:
-        """Algorithm 1 from ``latents``: E's final latents and G's (see ``DreamBlendMixin._blend``)."""
-        g_latents, refs = latents, {}
-        phases = ("guidance", "edit") if schedule == "two_phase" else ("lockstep",)
-        with sampler.session(), self.progress_bar(total=len(timesteps) * len(phases)) as progress_bar:
-            for phase in phases:
-                for i, t in enumerate(timesteps):
-                    if self.interrupt:
-                        continue
-                    if phase != "edit" and sampler.runs_guidance(i):
-                        # G: one step; at guided steps its conditional maps are E's reference
-                        g_latents, refs[i] = sampler.guidance_step(i, t, g_latents)
-                    if phase != "guidance":
-                        # E: one gradient step toward G's maps, then its own step at the new latent
-                        latents = sampler.edit_step(i, t, latents, refs.pop(i, None))
-                        latents = self._step_callback(callback, tensor_inputs, i, t, latents)
-                    progress_bar.update()
-        sampler.finish()
-        return latents, g_latents
+        return TransformerPair.resolve(
+            self.transformer,
+            self.guidance_transformer,
+            guidance_adapter,
+            edit_adapter,
+            text_width=None,
+            latent_channels=self.transformer.config.in_channels,
+        )

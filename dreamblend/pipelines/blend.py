@@ -116,8 +116,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def check_same_architecture(guidance: torch.nn.Module, edit: torch.nn.Module) -> None:
-    """G and E must be checkpoints of one base model: same UNet class and config."""
+def check_same_architecture(guidance: torch.nn.Module, edit: torch.nn.Module, noun: str = "UNet") -> None:
+    """G and E must be checkpoints of one base model: same model class and config (``noun``: its kind)."""
     if type(guidance) is not type(edit):
         raise ValueError(
             f"guidance model is a {type(guidance).__name__} but the edit model is a {type(edit).__name__}; "
@@ -129,25 +129,25 @@ def check_same_architecture(guidance: torch.nn.Module, edit: torch.nn.Module) ->
     if diff:
         details = ", ".join(f"{k} (G {g.get(k)!r}, E {e.get(k)!r})" for k in diff[:6])
         raise ValueError(
-            f"the guidance and edit UNets have different architectures: {details}; G and E must be "
-            "fine-tuning checkpoints of the same base model (same UNet config), sharing its VAE and text "
+            f"the guidance and edit {noun}s have different architectures: {details}; G and E must be "
+            f"fine-tuning checkpoints of the same base model (same {noun} config), sharing its VAE and text "
             "encoder"
         )
 
 
 def check_fits_pipeline(
-    unet: torch.nn.Module, role: str, text_width: int | None, latent_channels: int
+    unet: torch.nn.Module, role: str, text_width: int | None, latent_channels: int, noun: str = "UNet"
 ) -> None:
-    """The UNet must accept the pipeline's text embeddings and VAE latents."""
+    """The model must accept the pipeline's text embeddings and latents (``noun``: its kind)."""
     config = unet.config
     if text_width is not None and config.cross_attention_dim != text_width:
         raise ValueError(
-            f"the {role} UNet expects text embeddings of width {config.cross_attention_dim}, but the "
+            f"the {role} {noun} expects text embeddings of width {config.cross_attention_dim}, but the "
             f"pipeline's text encoder produces {text_width}; use a checkpoint of the pipeline's base model"
         )
     if config.in_channels != latent_channels:
         raise ValueError(
-            f"the {role} UNet takes {config.in_channels} input channels, but the pipeline's VAE makes "
+            f"the {role} {noun} takes {config.in_channels} input channels, but the pipeline's VAE makes "
             f"{latent_channels}-channel latents; use a text-to-image checkpoint of the pipeline's base model"
         )
 
@@ -177,7 +177,8 @@ def check_shares_components(pipe: Any, other: Any) -> None:
         if not same:
             raise ValueError(
                 f"the guidance pipeline's {name} differs from this pipeline's; G and E share the VAE, text "
-                "encoder and tokenizer, so only checkpoints that fine-tuned the UNet alone can be paired "
+                "encoder and tokenizer, so only checkpoints that fine-tuned the UNet (or transformer) alone "
+                "can be paired "
                 "(pass the guidance pipeline's unet only if that is what you intend)"
             )
 
@@ -222,7 +223,12 @@ class ModelPair:
 
     :meth:`use` returns the UNet for a role with that role's adapters active; :meth:`session` freezes
     the UNets' parameters (only the latent needs a gradient) and restores adapter state on exit.
+    ``noun`` and ``guidance_argument`` name the model kind and the pipeline argument in error messages
+    (a subclass pairs transformers).
     """
+
+    noun = "UNet"
+    guidance_argument = "guidance_unet"
 
     def __init__(
         self,
@@ -253,9 +259,8 @@ class ModelPair:
             if not _loaded_adapters(unet):
                 raise ValueError(
                     "DreamBlend needs a guidance model G besides the edit model E: pass an earlier "
-                    "checkpoint as guidance_unet= (CLI: --guidance-model), or LoRA adapters for the roles "
-                    "(pipe.load_lora_weights(path, adapter_name=...) with guidance_adapter=/edit_adapter=; "
-                    "CLI: --guidance-adapter/--edit-adapter)"
+                    f"checkpoint as {cls.guidance_argument}=, or LoRA adapters for the roles "
+                    "(pipe.load_lora_weights(path, adapter_name=...) with guidance_adapter=/edit_adapter=)"
                 )
             # On one UNet G defaults to the base model (adapters off), E to the adapters active now.
             if g_adapters is None:
@@ -265,34 +270,37 @@ class ModelPair:
             if g_adapters == e_adapters:
                 raise ValueError(
                     f"guidance and edit resolve to the same model (adapters {list(g_adapters.names)}); "
-                    "pass different guidance_adapter= and edit_adapter=, or a separate guidance_unet="
+                    "pass different guidance_adapter= and edit_adapter=, or a separate "
+                    f"{cls.guidance_argument}="
                 )
         else:
-            check_same_architecture(guidance, unet)
+            check_same_architecture(guidance, unet, cls.noun)
             if guidance.device != unet.device:
                 raise ValueError(
-                    f"the guidance UNet is on {guidance.device} but the edit UNet on {unet.device}; "
+                    f"the guidance {cls.noun} is on {guidance.device} but the edit {cls.noun} on "
+                    f"{unet.device}; "
                     "move the pipeline with pipe.to(device) so both share one device"
                 )
         for role, model, adapters in (("guidance", guidance, g_adapters), ("edit", unet, e_adapters)):
-            check_fits_pipeline(model, role, text_width, latent_channels)
+            check_fits_pipeline(model, role, text_width, latent_channels, cls.noun)
             cls._check_adapters(model, role, adapters)
         return cls(guidance, unet, g_adapters, e_adapters)
 
-    @staticmethod
-    def _check_adapters(unet: torch.nn.Module, role: str, adapters: Adapters | None) -> None:
+    @classmethod
+    def _check_adapters(cls, unet: torch.nn.Module, role: str, adapters: Adapters | None) -> None:
         if adapters is None or adapters in (ENABLED, DISABLED):
             return
         loaded = _loaded_adapters(unet)
         if not loaded:
             raise ValueError(
-                f"{role}_adapter={list(adapters.names)} but the {role} UNet has no LoRA adapters loaded; "
+                f"{role}_adapter={list(adapters.names)} but the {role} {cls.noun} has no LoRA adapters "
+                "loaded; "
                 f"load one with pipe.load_lora_weights(path, adapter_name={adapters.names[0]!r})"
             )
         unknown = [name for name in adapters.names if name not in loaded]
         if unknown:
             raise ValueError(
-                f"unknown {role} adapter(s) {unknown}; the {role} UNet has {loaded}. Load it with "
+                f"unknown {role} adapter(s) {unknown}; the {role} {cls.noun} has {loaded}. Load it with "
                 f"pipe.load_lora_weights(path, adapter_name={unknown[0]!r}) or pick one of the loaded names"
             )
 
@@ -435,10 +443,17 @@ class DreamBlendSampler:
     G and E get separate scheduler instances (multistep schedulers keep history) and separate copies
     of the generator, so ``lockstep`` and ``two_phase`` give identical images.
 
+    ``install(model, store)`` is the context manager that puts the capture/guide processors on a model
+    for the session (a subclass installs the MMDiT ones).
+
     ``attention_callback(role, i, maps)`` receives the conditional branch's maps of every CFG step of
     G ("guidance") and E ("edit"); G then runs every step. Recording routes those steps' attention
     through the capture op, which equals plain attention within float tolerance.
     """
+
+    install: Callable[[torch.nn.Module, AttentionStore], AbstractContextManager] = staticmethod(
+        attach_dreamblend
+    )
 
     def __init__(
         self,
@@ -475,7 +490,7 @@ class DreamBlendSampler:
         with ExitStack() as stack:
             stack.enter_context(self.pair.session())
             for unet in self.pair.distinct_unets():
-                stack.enter_context(attach_dreamblend(unet, self.store))
+                stack.enter_context(self.install(unet, self.store))
             yield self
 
     def runs_guidance(self, i: int) -> bool:
@@ -608,7 +623,82 @@ def vae_encode(vae: Any, pixels: Tensor, upcast: bool = False) -> Tensor:
 # ---------------------------------------------------------------------------------------------- mixin
 
 
-class DreamBlendMixin:
+class BlendLoop:
+    """Algorithm 1's loop over a pipeline's timesteps, shared by the UNet and MMDiT pipelines.
+
+    Hooks for a model family: ``sampler_class`` (its :attr:`DreamBlendSampler.install` puts that
+    family's processors on G and E) and :meth:`_step_callback` (the latents callbacks see).
+    """
+
+    sampler_class: type[DreamBlendSampler] = DreamBlendSampler
+
+    def _step_callback(
+        self, callback: Callable | None, tensor_inputs: Sequence[str], i: int, t: Tensor, latents: Tensor
+    ) -> Tensor:
+        return step_callback(self, callback, tensor_inputs, i, t, latents)
+
+    def _sample(
+        self,
+        pair: ModelPair,
+        cond: Conditioning,
+        store: AttentionStore,
+        scheduler: Any,
+        timesteps: Tensor,
+        latents: Tensor,
+        *,
+        guidance_cond: Conditioning | None = None,
+        alpha: float,
+        guidance_steps: GuidanceSteps,
+        schedule: str,
+        return_reference: bool,
+        edit_step_kwargs: Mapping[str, Any],
+        guidance_step_kwargs: Mapping[str, Any],
+        callback_on_step_end: Any,
+        callback_on_step_end_tensor_inputs: Any,
+        attention_callback: AttentionCallback | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """G and E through Algorithm 1 from the start latent ``latents`` (l_T) over ``timesteps``.
+
+        Returns E's final latents and G's (G's stop advancing after the last guided step unless
+        ``return_reference``).
+        """
+        self._num_timesteps = len(timesteps)
+        sampler = self.sampler_class(
+            pair,
+            store,
+            cond,
+            scheduler,
+            guidance_cond=guidance_cond,
+            alpha=alpha,
+            guided_steps=resolve_guided_steps(guidance_steps, len(timesteps)),
+            num_steps=len(timesteps),
+            return_reference=return_reference,
+            edit_step_kwargs=edit_step_kwargs,
+            guidance_step_kwargs=guidance_step_kwargs,
+            attention_callback=attention_callback,
+        )
+        g_latents, refs = latents, {}
+        phases = ("guidance", "edit") if schedule == "two_phase" else ("lockstep",)
+        with sampler.session(), self.progress_bar(total=len(timesteps) * len(phases)) as progress_bar:
+            for phase in phases:
+                for i, t in enumerate(timesteps):
+                    if self.interrupt:
+                        continue
+                    if phase != "edit" and sampler.runs_guidance(i):
+                        # G: a plain step; at guided steps its conditional maps are E's reference
+                        g_latents, refs[i] = sampler.guidance_step(i, t, g_latents)
+                    if phase != "guidance":
+                        # E: one gradient step toward G's maps, then its own step at the new latent
+                        latents = sampler.edit_step(i, t, latents, refs.pop(i, None))
+                        latents = self._step_callback(
+                            callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents
+                        )
+                    progress_bar.update()
+        sampler.finish()
+        return latents, g_latents
+
+
+class DreamBlendMixin(BlendLoop):
     """Pairing and real-image inversion for DreamBlend pipelines.
 
     A pipeline provides ``_conditioning(...) -> Conditioning``, ``_text_width()`` and
@@ -709,11 +799,7 @@ class DreamBlendMixin:
         callback_on_step_end_tensor_inputs: Any,
         attention_callback: AttentionCallback | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Steps shared by the pipelines: the start latent, then G and E through Algorithm 1.
-
-        Returns E's final latents and G's (G's stop advancing after the last guided step unless
-        ``return_reference``).
-        """
+        """The UNet pipelines' timesteps and start latent, then G and E through :meth:`_sample`."""
         device = self._execution_device
         batch_size = cond.embeds.shape[0] // (2 if cond.do_cfg else 1)
 
@@ -723,42 +809,26 @@ class DreamBlendMixin:
         latents = self.prepare_latents(
             batch_size, channels, height, width, cond.embeds.dtype, device, generator, latents
         ).float()
-        self._num_timesteps = len(timesteps)
 
         # The DreamBlend loop: G records reference maps, E follows them (DESIGN §2)
-        sampler = DreamBlendSampler(
+        return self._sample(
             pair,
-            store,
             cond,
+            store,
             self.scheduler,
+            timesteps,
+            latents,
             guidance_cond=guidance_cond,
             alpha=alpha,
-            guided_steps=resolve_guided_steps(guidance_steps, len(timesteps)),
-            num_steps=len(timesteps),
+            guidance_steps=guidance_steps,
+            schedule=schedule,
             return_reference=return_reference,
             edit_step_kwargs=self.prepare_extra_step_kwargs(generator, eta),
             guidance_step_kwargs=self.prepare_extra_step_kwargs(fork_generator(generator), eta),
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             attention_callback=attention_callback,
         )
-        g_latents, refs = latents, {}
-        phases = ("guidance", "edit") if schedule == "two_phase" else ("lockstep",)
-        with sampler.session(), self.progress_bar(total=len(timesteps) * len(phases)) as progress_bar:
-            for phase in phases:
-                for i, t in enumerate(timesteps):
-                    if self.interrupt:
-                        continue
-                    if phase != "edit" and sampler.runs_guidance(i):
-                        # G: a plain CFG step; at guided steps its conditional maps are E's reference
-                        g_latents, refs[i] = sampler.guidance_step(i, t, g_latents)
-                    if phase != "guidance":
-                        # E: one gradient step toward G's maps, then its own CFG step at the new latent
-                        latents = sampler.edit_step(i, t, latents, refs.pop(i, None))
-                        latents = step_callback(
-                            self, callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents
-                        )
-                    progress_bar.update()
-        sampler.finish()
-        return latents, g_latents
 
     @torch.no_grad()
     def invert(

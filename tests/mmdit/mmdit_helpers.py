@@ -233,15 +233,16 @@ def _tiny_vae(seed: int):
     return vae
 
 
-def tiny_sd3_components(seed: int = 0) -> dict:
+def tiny_sd3_components(seed: int = 0, t5: bool = False) -> dict:
     """A tiny SD3 pipeline: two CLIP encoders (16 wide each, so their concatenation is the transformer's
-    32-wide text input), no T5 (the stock pipeline feeds zeros for it), a KL VAE with SD3's shift."""
+    32-wide text input), a KL VAE with SD3's shift, and a 32-wide T5 with ``t5`` (else none: the stock
+    pipeline feeds zeros for it)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from dreamblend.testing import tiny_clip_tokenizer
 
     tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
-    return {
+    components = {
         "transformer": tiny_sd3(seed),
         "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
         "vae": _tiny_vae(seed),
@@ -252,27 +253,43 @@ def tiny_sd3_components(seed: int = 0) -> dict:
         "text_encoder_3": None,
         "tokenizer_3": None,
     }
+    if t5:
+        tokenizer_3 = tiny_t5_tokenizer()
+        components.update(text_encoder_3=_t5_encoder(tokenizer_3, seed + 4), tokenizer_3=tokenizer_3)
+    return components
 
 
 def tiny_t5_tokenizer():
-    """A word-level tokenizer with T5's special tokens (pad 0, end 1) over the tiny word list.
+    """A T5 tokenizer (sentencepiece unigram, "▁" word starts, pad 0, end 1, no start token) whose vocabulary
+    is the tiny word list as whole words, plus letters and punctuation for anything else."""
+    import string
 
-    FluxPipeline only pads, truncates and decodes with it; no sentencepiece model needs to exist.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from transformers import T5TokenizerFast
 
     from dreamblend.testing import TINY_WORDS
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for word in TINY_WORDS:
-        vocab.setdefault(word, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + word, -1.0) for word in TINY_WORDS]
+    pieces += [(ch, -5.0) for ch in string.ascii_letters + string.digits + string.punctuation]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def _t5_encoder(tokenizer, seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
     )
+    return T5EncoderModel(config).eval()
 
 
 def tiny_flux_pipeline_transformer(seed: int = 0) -> FluxTransformer2DModel:
@@ -295,7 +312,7 @@ def tiny_flux_pipeline_transformer(seed: int = 0) -> FluxTransformer2DModel:
 def tiny_flux_components(seed: int = 0) -> dict:
     """A tiny FLUX pipeline: CLIP (pooled, 32 wide), a 2-layer T5 (32 wide), a KL VAE with a shift."""
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     from dreamblend.testing import tiny_clip_tokenizer
 
@@ -314,26 +331,29 @@ def tiny_flux_components(seed: int = 0) -> dict:
             pad_token_id=tokenizer.pad_token_id,
         )
     ).eval()
-    torch.manual_seed(seed + 3)
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    ).eval()
     return {
         "scheduler": FlowMatchEulerDiscreteScheduler(),
         "vae": _tiny_vae(seed),
         "text_encoder": clip,
         "tokenizer": tokenizer,
-        "text_encoder_2": t5,
+        "text_encoder_2": _t5_encoder(tokenizer_2, seed + 3),
         "tokenizer_2": tokenizer_2,
         "transformer": tiny_flux_pipeline_transformer(seed),
     }
+
+
+def save_dreambooth_lora(pipeline_cls, transformer: nn.Module, folder, seed: int = 0):
+    """A random LoRA on a copy of ``transformer``, saved as diffusers' DreamBooth-LoRA scripts for SD3
+    and FLUX save theirs (``pipeline_cls.save_lora_weights``: keys ``transformer.*``); returns the file."""
+    import copy
+    from pathlib import Path
+
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    trained = copy.deepcopy(transformer)
+    torch.manual_seed(seed)
+    targets = ["to_k", "to_q", "to_v", "to_out.0"]
+    trained.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=targets))
+    pipeline_cls.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(trained))
+    return Path(folder) / "pytorch_lora_weights.safetensors"

@@ -141,6 +141,23 @@ def test_maps_cover_both_block_kinds_and_callbacks_see_packed_latents(components
     assert shapes == [(1, 64, 16)] * 3
 
 
-def test_word_tokens_are_refused_with_the_way_out(components, guidance):
-    with pytest.raises(ValueError, match="T5 tokens of tokenizer_2.*pipe.tokenizer_2"):
-        blend(components, guidance, attention_tokens=["dog"])
+def test_words_select_their_t5_positions(components, guidance):
+    """Words resolve in the T5 tokenization (of prompt_2 when given): the same maps as their positions."""
+    maps = {}
+
+    def run(tokens, **kwargs):
+        record = lambda role, i, m: maps.setdefault((str(tokens), role, i), m)  # noqa: E731
+        blend(components, guidance, attention_tokens=tokens, attention_callback=record, **kwargs)
+
+    run(["sks dog"])
+    run([3, 4])
+    for role in ("guidance", "edit"):
+        for i in range(3):
+            by_word, by_index = maps[("['sks dog']", role, i)], maps[("[3, 4]", role, i)]
+            assert by_word.keys() == by_index.keys()
+            for name in by_word:
+                torch.testing.assert_close(by_word[name], by_index[name], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"'beach' is not in the prompt 'a sks dog'.*0 is the first word"):
+        run(["beach"], prompt_2="a sks dog")  # T5 reads prompt_2
+    with pytest.raises(ValueError, match="reads only its first 4 tokens"):
+        run(["beach"], max_sequence_length=4)

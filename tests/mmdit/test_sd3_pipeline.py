@@ -136,6 +136,30 @@ def test_word_tokens_and_maps_of_the_conditional_branch(components, guidance):
         assert shapes == {name: (1, 4, 64, 1) for name in layers}
 
 
+def test_words_select_their_clip_and_t5_positions():
+    """With a T5 encoder a word is its CLIP-L positions and its T5 ones after CLIP's 77: the same maps."""
+    components = tiny_sd3_components(seed=0, t5=True)
+    pipe = DreamBlendSD3Pipeline(**components, guidance_transformer=tiny_sd3(seed=1))
+    pipe.set_progress_bar_config(disable=True)
+    maps = {}
+    for tokens in (["dog"], [5, 77 + 4]):  # CLIP: start token, a photo of sks dog; T5: a photo of sks dog
+        pipe(
+            PROMPT,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+            cross_attention_guidance_scale=1.0,
+            attention_tokens=tokens,
+            attention_callback=lambda role, i, m, key=str(tokens): maps.setdefault((key, role, i), m),
+            **CALL,
+        )
+    for role in ("guidance", "edit"):
+        for i in range(CALL["num_inference_steps"]):
+            by_word, by_index = maps[("['dog']", role, i)], maps[("[5, 81]", role, i)]
+            assert {m.shape[-1] for m in by_word.values()} == {2}
+            for name in by_word:
+                torch.testing.assert_close(by_word[name], by_index[name], rtol=0, atol=0)
+
+
 def test_pairing_errors_speak_of_transformers(components):
     pipe = DreamBlendSD3Pipeline(**components)
     with pytest.raises(ValueError, match="pass an earlier checkpoint as guidance_transformer="):

@@ -310,3 +310,11 @@ def test_dispatch_full_finetune_refusal_and_cli(bases, two_dogs, sd_dir, tmp_pat
     assert [c.step for c in read_trajectory(tmp_path / "cli")] == [1, 2]
     assert main([*args, "--output", str(tmp_path / "cli-full")]) == 2
     assert "not supported" in capsys.readouterr().err
+
+
+def test_an_sd3_folder_saved_without_t5_trains(two_dogs, tmp_path):
+    """SD3 saved without its T5 (``text_encoder_3=None``: null in the index) loads so; T5 tokens are zeros."""
+    StableDiffusion3Pipeline(**tiny_sd3_components()).save_pretrained(tmp_path / "sd3")
+    result = train_dreambooth(config(tmp_path / "sd3", two_dogs, tmp_path / "run", max_steps=1, save_at="1"))
+    assert result.pipeline.text_encoder_3 is None
+    assert [c.step for c in read_trajectory(tmp_path / "run")] == [1]

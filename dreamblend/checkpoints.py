@@ -1,6 +1,10 @@
 """Loading DreamBlend's checkpoints: diffusers folders or hub ids, LoRA files, Custom Diffusion files,
 and the checkpoint folders ``dreamblend train`` writes (with their learned tokens).
 
+The denoiser is a UNet (SD1.x/2.x, SDXL) or an MMDiT transformer (SD3/3.5, FLUX); G and E are full
+checkpoints of it or LoRA adapters on it, in diffusers' formats (the DreamBooth-LoRA scripts' files
+load unchanged).
+
 Pickle-based weight files (``.bin``, ``.ckpt``, ``.pt``, ``.pth``) can run arbitrary code when
 loaded, so they are refused unless the caller opts in with ``allow_pickle=True`` (``--allow-pickle``).
 """
@@ -8,6 +12,7 @@ loaded, so they are refused unless the caller opts in with ``allow_pickle=True``
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import warnings
@@ -88,6 +93,7 @@ def checkpoint_kind(path: PathLike, *, allow_pickle: bool = False) -> tuple[str,
             if (
                 (path / name).is_file()
                 and not (path / "unet").is_dir()
+                and not (path / "transformer").is_dir()
                 and not (path / "config.json").is_file()
             ):
                 return kind, str(path / name)
@@ -115,38 +121,52 @@ def load_unet(
     torch_dtype: torch.dtype | None = None,
 ) -> UNet2DConditionModel:
     """A UNet from a UNet, a pipeline, a diffusers folder (pipeline or UNet folder) or a hub id."""
-    if isinstance(spec, UNet2DConditionModel):
+    return load_denoiser(spec, UNet2DConditionModel, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
+
+
+def load_denoiser(
+    spec: torch.nn.Module | DiffusionPipeline | PathLike,
+    cls: type[torch.nn.Module],
+    *,
+    allow_pickle: bool = False,
+    torch_dtype: torch.dtype | None = None,
+) -> Any:
+    """A ``cls`` model (a UNet or a transformer) from one, a pipeline, a diffusers folder (pipeline or
+    model folder) or a hub id of a pipeline."""
+    component, noun = ("unet", "UNet") if cls is UNet2DConditionModel else ("transformer", "transformer")
+    if isinstance(spec, cls):
         return spec
     if isinstance(spec, DiffusionPipeline):
-        unet = getattr(spec, "unet", None)
-        if not isinstance(unet, UNet2DConditionModel):
-            raise TypeError(f"{type(spec).__name__} has no UNet2DConditionModel to use as a DreamBlend model")
-        return unet
+        model = getattr(spec, component, None)
+        if not isinstance(model, cls):
+            raise TypeError(f"{type(spec).__name__} has no {cls.__name__} to use as a DreamBlend model")
+        return model
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(
-            "expected a UNet2DConditionModel, a pipeline, a diffusers folder or a hub id, "
+            f"expected a {cls.__name__}, a pipeline, a diffusers folder or a hub id, "
             f"got {type(spec).__name__}"
         )
     path = Path(spec)
     if path.is_file():
         raise ValueError(
-            f"{path} is a single weight file; a model is a diffusers folder (with unet/) or a hub id. "
+            f"{path} is a single weight file; a model is a diffusers folder (with {component}/) or a hub id. "
             "LoRA and Custom Diffusion files are adapters on the base model: see prepare_models()"
         )
     subfolder = None
     if path.is_dir():
-        subfolder = "unet" if (path / "unet").is_dir() else None
+        subfolder = component if (path / component).is_dir() else None
         folder = path / (subfolder or "")
         if not (folder / "config.json").is_file():
             raise ValueError(
-                f"{path} is not a diffusers pipeline or UNet folder (no unet/config.json or config.json)"
+                f"{path} is not a diffusers pipeline or {noun} folder (no {component}/config.json or "
+                "config.json)"
             )
         _check_no_pickle_only(folder, allow_pickle)
     else:
         _check_hub_id(spec)
-        subfolder = "unet"  # a hub id of a full pipeline
+        subfolder = component  # a hub id of a full pipeline
     with hub_errors(spec):
-        return UNet2DConditionModel.from_pretrained(
+        return cls.from_pretrained(
             str(spec),
             subfolder=subfolder,
             use_safetensors=None if allow_pickle else True,
@@ -154,31 +174,71 @@ def load_unet(
         )
 
 
-def pipeline_class(model: PathLike) -> type[DiffusionPipeline]:
-    """DreamBlendXLPipeline for SDXL checkpoints, else DreamBlendPipeline (read from model_index.json)."""
-    from dreamblend.pipelines import DreamBlendPipeline, DreamBlendXLPipeline
+# model_index.json's transformer class -> the DreamBlend pipeline's name in dreamblend.mmdit
+MMDIT_PIPELINES = {
+    "SD3Transformer2DModel": "DreamBlendSD3Pipeline",
+    "FluxTransformer2DModel": "DreamBlendFluxPipeline",
+}
 
+
+def is_mmdit(pipeline: type) -> bool:
+    """Whether a DreamBlend pipeline class runs an MMDiT transformer (SD3, FLUX) rather than a UNet."""
+    return pipeline.__name__ in MMDIT_PIPELINES.values()
+
+
+def _model_index(model: PathLike) -> dict[str, Any]:
+    """A pipeline's ``model_index.json`` (from its folder, or the hub)."""
     path = Path(model)
     if path.is_dir():
         index = path / "model_index.json"
         if not index.is_file():
             raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-        config = json.loads(index.read_text())
-    else:
-        _check_hub_id(model)
-        with hub_errors(model):
-            config = DiffusionPipeline.load_config(str(model))
+        return json.loads(index.read_text())
+    _check_hub_id(model)
+    with hub_errors(model):
+        return dict(DiffusionPipeline.load_config(str(model)))
+
+
+def pipeline_class(model: PathLike) -> type[DiffusionPipeline]:
+    """The DreamBlend pipeline for a base model, read from its ``model_index.json``.
+
+    A ``transformer`` component makes it an MMDiT model (SD3/3.5, FLUX), ``text_encoder_2`` beside a
+    UNet SDXL, else SD1.x/2.x.
+    """
+    import dreamblend.mmdit
+    from dreamblend.pipelines import DreamBlendPipeline, DreamBlendXLPipeline
+
+    config = _model_index(model)
+    if "transformer" in config:
+        transformer = (config["transformer"] or [None, None])[-1]
+        if transformer not in MMDIT_PIPELINES:
+            raise ValueError(
+                f"{model} is a {config.get('_class_name', 'pipeline')} with a {transformer} transformer; "
+                f"DreamBlend runs UNet models (SD1.x/2.x, SDXL) and {', '.join(MMDIT_PIPELINES)} (SD3, FLUX)"
+            )
+        return getattr(dreamblend.mmdit, MMDIT_PIPELINES[transformer])
     return DreamBlendXLPipeline if "text_encoder_2" in config else DreamBlendPipeline
+
+
+def saved_without(model: PathLike) -> dict[str, None]:
+    """``{component: None}`` for the components a pipeline was saved without (``[null, null]`` in its
+    ``model_index.json``, e.g. SD3 without T5), which ``from_pretrained`` wants passed explicitly."""
+    return {k: None for k, v in _model_index(model).items() if not k.startswith("_") and v == [None, None]}
 
 
 def load_pipeline(
     model: PathLike, *, allow_pickle: bool = False, torch_dtype: torch.dtype | None = None, **kwargs: Any
 ) -> DiffusionPipeline:
-    """The DreamBlend pipeline for a base model (diffusers folder or hub id), safetensors only by default."""
+    """The DreamBlend pipeline for a base model (diffusers folder or hub id), safetensors only by default.
+
+    Components the folder leaves out (``[null, null]`` in ``model_index.json``, e.g. SD3 saved without
+    its T5 encoder) load as None, which diffusers otherwise refuses for required components.
+    """
     cls = pipeline_class(model)
     _check_no_pickle_only(Path(model), allow_pickle)
     if cls.__name__ == "DreamBlendXLPipeline":
         kwargs.setdefault("add_watermarker", False)
+    kwargs = {**saved_without(model), **kwargs}
     with hub_errors(model):
         return cls.from_pretrained(
             str(model), use_safetensors=None if allow_pickle else True, **{DTYPE_KWARG: torch_dtype}, **kwargs
@@ -282,6 +342,12 @@ def load_token_embeddings(pipe: Any, embeddings: dict[str, dict[str, Tensor]]) -
     """
     if not embeddings:
         return None
+    if getattr(pipe, "transformer", None) is not None:
+        raise ValueError(
+            f"a checkpoint holds a learned token embedding, but {type(pipe).__name__} encodes prompts with "
+            "several text encoders (CLIP and T5) and these files hold one vector per token; use DreamBooth "
+            "(full or LoRA) checkpoints for SD3 and FLUX"
+        )
     if getattr(pipe, "text_encoder_2", None) is not None:
         raise ValueError(
             "a checkpoint holds a learned token embedding, but SDXL has two text encoders and these files "
@@ -309,48 +375,62 @@ class ModelSpec:
         return " + ".join(x for x in (self.model or "base", self.adapter) if x)
 
 
-def load_lora(
-    pipe: Any, unet: UNet2DConditionModel, path: PathLike, name: str, *, allow_pickle: bool
-) -> None:
-    """Load a LoRA file into ``unet`` as adapter ``name``, with diffusers' key conversion and metadata."""
+def load_lora(pipe: Any, model: torch.nn.Module, path: PathLike, name: str, *, allow_pickle: bool) -> None:
+    """Load a LoRA file into ``model`` (the UNet or transformer) as adapter ``name``, with diffusers' key
+    conversion and metadata; text-encoder weights in the file are dropped with a warning."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist")
     if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
         raise _pickle_refused(path)
-    state_dict, alphas, metadata = pipe.lora_state_dict(
+    # FLUX's loader returns the alphas only when asked; SD3's has none (the rank scaling is in metadata).
+    returns_alphas = "return_alphas" in inspect.signature(pipe.lora_state_dict).parameters
+    state_dict, *alphas, metadata = pipe.lora_state_dict(
         str(path.parent),
         weight_name=path.name,
         use_safetensors=path.suffix == ".safetensors",
         local_files_only=True,
         return_lora_metadata=True,
+        **({"return_alphas": True} if returns_alphas else {}),
     )
     if any(k.startswith(("text_encoder", "lora_te")) for k in state_dict):
         warnings.warn(
-            f"{path} also holds text-encoder LoRA weights; DreamBlend's G and E share one text encoder, so "
+            f"{path} also holds text-encoder LoRA weights; DreamBlend's G and E share the text encoders, so "
             "they are not loaded",
             UserWarning,
             stacklevel=2,
         )
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("text_encoder", "lora_te"))}
+    kwargs: dict[str, Any] = {"adapter_name": name, "metadata": metadata, "_pipeline": pipe}
+    if isinstance(model, UNet2DConditionModel):
+        load, kwargs["unet"] = pipe.load_lora_into_unet, model
+    else:
+        load, kwargs["transformer"] = pipe.load_lora_into_transformer, model
+    if "network_alphas" in inspect.signature(load).parameters:
+        kwargs["network_alphas"] = alphas[0] if alphas else None
     with warnings.catch_warnings():
-        # G and E as two adapters of one UNet is the point of role adapters, not an accident.
+        # G and E as two adapters of one model is the point of role adapters, not an accident.
         warnings.filterwarnings(
             "ignore", message="Already found a `peft_config` attribute", category=UserWarning
         )
-        pipe.load_lora_into_unet(
-            state_dict, alphas, unet=unet, adapter_name=name, metadata=metadata, _pipeline=pipe
+        load(state_dict, **kwargs)
+    if name not in (getattr(model, "peft_config", None) or {}):
+        raise ValueError(
+            f"{path} holds no LoRA weights for this pipeline's {type(model).__name__} (keys like "
+            f"{list(state_dict)[:2]}); it was trained for another kind of model: pass a LoRA of the base "
+            "model"
         )
 
 
 def prepare_models(
     pipe: Any, guidance: ModelSpec, edit: ModelSpec, *, allow_pickle: bool = False
 ) -> dict[str, Any]:
-    """Put G and E into ``pipe`` (``unet`` is E, ``guidance_unet`` G); returns the call's role kwargs.
+    """Put G and E into ``pipe`` (``unet`` is E, ``guidance_unet`` G; ``transformer`` and
+    ``guidance_transformer`` for SD3/FLUX); returns the call's role kwargs.
 
-    Full checkpoints replace the base UNet for their role; LoRA files become adapters named after the
-    role; Custom Diffusion files install their processors on the base UNet (on a copy when the other
-    role also uses the base). Without any guidance checkpoint G is the base model (adapters off).
+    Full checkpoints replace the base model for their role; LoRA files become adapters named after the
+    role; Custom Diffusion files (UNets only) install their processors on the base UNet (on a copy when
+    the other role also uses the base). Without any guidance checkpoint G is the base model (adapters off).
     ``dreamblend train`` checkpoint folders are read from their manifest. Learned tokens (a
     ``learned_embeds.safetensors``, or Custom Diffusion's modifier tokens beside its weights) go into
     the text encoder (see :func:`load_token_embeddings`).
@@ -377,22 +457,32 @@ def prepare_models(
                     f"the {role} model is a LoRA and a {role} adapter is given too; pass one of them"
                 )
             adapters[role], kinds[role] = where[role], None
-    base = pipe.unet
-    unets: dict[str, UNet2DConditionModel] = {}
+    component = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    base = getattr(pipe, component)
+    custom = [role for role in ("edit", "guidance") if kinds[role] == "custom_diffusion"]
+    if custom and component == "transformer":
+        raise ValueError(
+            f"the {custom[0]} checkpoint {specs[custom[0]].model} is a Custom Diffusion file, which adapts a "
+            f"UNet's cross-attention; {type(pipe).__name__} has a transformer: use a DreamBooth (full or "
+            "LoRA) checkpoint"
+        )
+    unets: dict[str, Any] = {}
     for role, kind in kinds.items():
         if kind == "diffusers":
-            unets[role] = load_unet(where[role], allow_pickle=allow_pickle, torch_dtype=base.dtype)
+            unets[role] = load_denoiser(
+                where[role], type(base), allow_pickle=allow_pickle, torch_dtype=base.dtype
+            )
             unets[role].to(base.device)
         elif kind is None:
             unets[role] = base
-    custom = [role for role in ("edit", "guidance") if kinds[role] == "custom_diffusion"]
     # Copies are taken before Custom Diffusion weights go onto the base UNet itself (when it is free).
     for i, role in reversed(list(enumerate(custom))):
         free = i == 0 and base not in unets.values()
         unets[role] = base if free else copy.deepcopy(base)
         load_custom_diffusion(unets[role], read_state_dict(where[role], allow_pickle=allow_pickle))
-    pipe.register_modules(unet=unets["edit"])
-    pipe.register_modules(guidance_unet=None if unets["guidance"] is unets["edit"] else unets["guidance"])
+    pipe.register_modules(**{component: unets["edit"]})
+    guidance_model = None if unets["guidance"] is unets["edit"] else unets["guidance"]
+    pipe.register_modules(**{f"guidance_{component}": guidance_model})
     for role, file in adapters.items():
         if file:
             load_lora(pipe, unets[role], file, role, allow_pickle=allow_pickle)

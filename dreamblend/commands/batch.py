@@ -35,6 +35,9 @@ from dreamblend.commands.generate import (
     CommandError,
     add_runtime_arguments,
     atomic_write,
+    call_options,
+    check_model_options,
+    check_roles_given,
     ensure_writable_dir,
     parse_guidance_steps,
     parse_layers,
@@ -45,7 +48,7 @@ from dreamblend.commands.generate import (
 EPILOG = """\
 JOBS (YAML or JSON); paths are relative to the jobs file's folder:
 
-  model: models/sd15                 # base pipeline (diffusers folder or hub id)
+  model: models/sd15                 # base pipeline (diffusers folder or hub id): SD, SDXL, SD3, FLUX
   output_dir: runs/dog               # or --out
   prompts: ["a sks dog in the jungle", "a sks dog on the beach"]
   # a prompt may name its subject (recorded for `dreamblend eval`): {prompt: "a sks dog", subject: dog2}
@@ -60,6 +63,8 @@ JOBS (YAML or JSON); paths are relative to the jobs file's folder:
   # layers, tokens, head_mean, schedule, allow_pickle
 
 Items are pairs x cfg x alpha x prompts x seeds; images of one pair and alpha/CFG setting share a forward.
+Models and pairs as for `dreamblend generate` (see its help for SD3 and FLUX: for FLUX, cfg is the
+distilled guidance value and negative_prompt does not apply).
 """
 
 
@@ -267,6 +272,12 @@ def _pair(value: dict, local: Any) -> Pair:
     unknown = sorted(set(value) - PAIR_KEYS)
     if unknown:
         raise CommandError(f"unknown pair keys {unknown}; allowed: {sorted(PAIR_KEYS)}")
+    try:
+        check_roles_given(
+            **{k: value.get(k) for k in ("guidance", "edit", "guidance_adapter", "edit_adapter")}
+        )
+    except CommandError as exc:
+        raise CommandError(f"pair {value}: {exc}") from None
     return Pair(**{k: (v if k == "name" else local(v)) for k, v in value.items()})
 
 
@@ -357,7 +368,9 @@ class BatchRunner:
         """Generate ``items`` (one alpha/CFG setting) in batches, halving the batch on out-of-memory."""
         from dreamblend.pipelines.blend import resolve_alpha
 
-        alpha = resolve_alpha(items[0].alpha, pipe.scheduler.config.prediction_type)  # None: model default
+        # None: the model's default; flow-matching schedulers have no prediction type (the MMDiT pipelines'
+        # default is the epsilon one)
+        alpha = resolve_alpha(items[0].alpha, pipe.scheduler.config.get("prediction_type", "epsilon"))
         queue = deque(_chunks(items, self.batch_size))
         while queue:
             chunk = queue.popleft()
@@ -395,7 +408,7 @@ class BatchRunner:
             generator=[torch.Generator(device="cpu").manual_seed(i.seed) for i in chunk],
             guidance_scale=item.cfg,
             cross_attention_guidance_scale=item.alpha,
-            **self.jobs.pipeline_options(),
+            **call_options(self.jobs.pipeline_options()),
             **roles,
         ).images
 
@@ -466,6 +479,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_batch(args: argparse.Namespace) -> tuple[int, int, int | None, Path]:
     """Run this process's share; the main process writes the manifest once every process is done."""
+    from dreamblend.checkpoints import pipeline_class
+
     jobs = Jobs.load(args.jobs)
     if args.batch_size is not None:
         if args.batch_size < 1:
@@ -476,9 +491,14 @@ def run_batch(args: argparse.Namespace) -> tuple[int, int, int | None, Path]:
     if out is None:
         raise CommandError("no output folder: set output_dir in the jobs file or pass --out")
     ensure_writable_dir(out)
+    pipeline = pipeline_class(jobs.model)
+    check_model_options(
+        pipeline, negative_prompt=jobs.negative_prompt, negative_option="jobs key 'negative_prompt'"
+    )
     state = _process_state()
     index, count = (state.process_index, state.num_processes) if state else (0, 1)
-    device, dtype = resolve_runtime(args.device or (str(state.device) if count > 1 else None), args.dtype)
+    device = args.device or (str(state.device) if count > 1 else None)
+    device, dtype = resolve_runtime(device, args.dtype, pipeline)
     runner = BatchRunner(
         jobs,
         out,

@@ -16,12 +16,20 @@ from typing import Any
 from dreamblend.commands import help_text
 
 EPILOG = """\
-Models: --model is the base pipeline (diffusers folder or hub id). --guidance-model/--edit-model take
-a full checkpoint (diffusers folder with unet/), a LoRA file or a Custom Diffusion file (.safetensors,
-or a folder holding one, its <token>.safetensors modifier tokens included), or a checkpoint folder
-written by 'dreamblend train' (OUT/checkpoint-STEP, its learned token included);
---guidance-adapter/--edit-adapter take LoRA files. A role left out uses the base model. Pickle files
-(.bin/.ckpt/.pt) need --allow-pickle.
+Models: --model is the base pipeline (diffusers folder or hub id): SD1.x/2.x, SDXL, SD3/3.5 or FLUX.1,
+told apart by its model_index.json. --guidance-model/--edit-model take a full checkpoint (diffusers
+folder with unet/ or transformer/), a LoRA file (as diffusers' DreamBooth-LoRA scripts write it, for
+SD3 and FLUX too) or a Custom Diffusion file (.safetensors, or a folder holding one, its
+<token>.safetensors modifier tokens included; UNet models only), or a checkpoint folder written by
+'dreamblend train' (OUT/checkpoint-STEP, its learned token included); --guidance-adapter/--edit-adapter
+take LoRA files. A role left out uses the base model. Pickle files (.bin/.ckpt/.pt) need
+--allow-pickle.
+
+SD3 and FLUX: --cfg is SD3's classifier-free guidance scale; FLUX.1 is guidance-distilled, so there
+--cfg is the guidance value the model takes as an input (no unconditional batch; FLUX [dev] was
+distilled around 3.5) and --negative-prompt does not apply. --image (DDIM inversion) needs a UNet
+model. --tokens words resolve in every text encoder of the text block (SD3: CLIP's 77 positions, then
+T5's; FLUX: T5's, no start token). The default alpha is the SD1.5 paper's, not calibrated for them.
 """
 
 
@@ -36,7 +44,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--dtype",
         choices=("float32", "float16", "bfloat16"),
-        help="UNet/VAE dtype (default float16 on cuda, float32 on cpu); guidance runs in float32 anyway",
+        help="model dtype (default on cuda: float16, bfloat16 for SD3/FLUX; float32 on cpu); guidance runs "
+        "in float32 anyway",
     )
     group.add_argument(
         "--allow-pickle", action="store_true", help="allow loading pickle checkpoints (can execute code)"
@@ -59,12 +68,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     models.add_argument("--guidance-adapter", help="LoRA file for G")
     models.add_argument("--edit-adapter", help="LoRA file for E")
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--negative-prompt", default=None)
+    sampling.add_argument("--negative-prompt", default=None, help="(not for FLUX: no unconditional batch)")
     sampling.add_argument(
         "--alpha", type=float, help="cross-attention guidance scale (default 0.1; 0.01 for v-prediction)"
     )
     sampling.add_argument(
-        "--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)"
+        "--cfg",
+        type=float,
+        default=3.0,
+        help="classifier-free guidance scale (default 3.0); for FLUX the distilled guidance input",
     )
     sampling.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     sampling.add_argument("--seed", type=int, default=0, help="(default 0)")
@@ -72,7 +84,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sampling.add_argument("--height", type=int)
     sampling.add_argument("--width", type=int)
     add_guidance_arguments(sampling)
-    sampling.add_argument("--image", type=Path, help="edit this real image: DDIM-invert it and start from it")
+    sampling.add_argument(
+        "--image", type=Path, help="edit this real image: DDIM-invert it and start from it (UNet models)"
+    )
     sampling.add_argument("--source-prompt", default="", help="prompt describing --image for inversion")
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -131,12 +145,55 @@ def parse_layers(layers: list[str] | None) -> list[str | int] | None:
     return None if layers is None else [int(x) if str(x).isdigit() else x for x in layers]
 
 
-def resolve_runtime(device: str | None, dtype: str | None) -> tuple[Any, Any]:
+def resolve_runtime(device: str | None, dtype: str | None, pipeline: type | None = None) -> tuple[Any, Any]:
+    """Device and dtype; on cuda SD3/FLUX (``pipeline``) default to bfloat16, whose range they need."""
     import torch
 
+    from dreamblend.checkpoints import is_mmdit
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("float16" if str(device).startswith("cuda") else "float32")
+    half = "bfloat16" if pipeline is not None and is_mmdit(pipeline) else "float16"
+    dtype = dtype or (half if str(device).startswith("cuda") else "float32")
     return torch.device(device), getattr(torch, dtype)
+
+
+def check_model_options(
+    pipeline: type,
+    *,
+    negative_prompt: str | None,
+    image: Path | None = None,
+    negative_option: str = "--negative-prompt",
+) -> None:
+    """Refuse options the model kind does not have, before any weights load (``negative_option``: how
+    the user gave the negative prompt)."""
+    from dreamblend.checkpoints import is_mmdit
+
+    name = pipeline.__name__
+    if negative_prompt is not None and name == "DreamBlendFluxPipeline":
+        raise CommandError(
+            f"{negative_option} does not apply to FLUX.1: it is guidance-distilled, with no unconditional "
+            "batch for a negative prompt to steer; leave it out (the guidance value is the cfg)"
+        )
+    if image is not None and is_mmdit(pipeline):
+        raise CommandError(
+            f"--image edits a real image by DDIM inversion, which {name} (flow matching) does not have; "
+            "use a UNet model (SD1.x/2.x, SDXL) for real-image editing"
+        )
+
+
+def check_roles_given(**options: str | None) -> None:
+    """DreamBlend needs G and E to differ: at least one role option must name a checkpoint."""
+    if not any(options.values()):
+        flags = "/".join(options)
+        raise CommandError(
+            "DreamBlend needs a guidance model G and an edit model E that differ; pass at least one of "
+            f"{flags} (a role left out is the base model)"
+        )
+
+
+def call_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Pipeline keyword arguments without an unset negative prompt (FLUX's call has no such argument)."""
+    return {k: v for k, v in options.items() if not (k == "negative_prompt" and v is None)}
 
 
 def ensure_writable_dir(folder: Path) -> Path:
@@ -211,7 +268,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
     from diffusers import DDIMScheduler
     from PIL import Image
 
-    from dreamblend.checkpoints import ModelSpec, load_dreamblend
+    from dreamblend.checkpoints import ModelSpec, load_dreamblend, pipeline_class
 
     if args.num_images < 1 or args.steps < 1:
         raise CommandError("--num-images and --steps must be at least 1")
@@ -219,9 +276,19 @@ def generate(args: argparse.Namespace) -> list[Path]:
         raise CommandError("--image edits one image: use --num-images 1")
     if args.image is not None and not args.image.is_file():
         raise CommandError(f"--image {args.image} does not exist")
+    check_roles_given(
+        **{
+            "--guidance-model": args.guidance_model,
+            "--edit-model": args.edit_model,
+            "--guidance-adapter": args.guidance_adapter,
+            "--edit-adapter": args.edit_adapter,
+        }
+    )
     paths = _output_paths(args.out, args.num_images)
     ensure_writable_dir(args.out.parent)
-    device, dtype = resolve_runtime(args.device, args.dtype)
+    pipeline = pipeline_class(args.model)
+    check_model_options(pipeline, negative_prompt=args.negative_prompt, image=args.image)
+    device, dtype = resolve_runtime(args.device, args.dtype, pipeline)
     pipe, roles = load_dreamblend(
         args.model,
         ModelSpec(args.guidance_model, args.guidance_adapter),
@@ -239,7 +306,6 @@ def generate(args: argparse.Namespace) -> list[Path]:
         height, width = (size * pipe.vae_scale_factor for size in latents.shape[-2:])
     output = pipe(
         args.prompt,
-        negative_prompt=args.negative_prompt,
         height=height,
         width=width,
         num_inference_steps=args.steps,
@@ -249,6 +315,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
         generator=generator,
         latents=latents,
         return_reference=args.save_reference,
+        **call_options({"negative_prompt": args.negative_prompt}),
         **guidance_options(args),
         **roles,
     )

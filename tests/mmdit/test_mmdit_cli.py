@@ -18,6 +18,7 @@ import yaml
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from mmdit_helpers import save_dreambooth_lora, tiny_flux_components, tiny_sd3, tiny_sd3_components
 from PIL import Image
+from safetensors.torch import load_file
 
 from dreamblend.checkpoints import ModelSpec, load_pipeline, pipeline_class, prepare_models
 from dreamblend.cli import main
@@ -79,6 +80,56 @@ def test_generate_with_a_dreambooth_lora_as_e(model, tmp_path):
     e_alone, g_alone = (np.asarray(x[0], dtype=np.int16) for x in (plain.images, plain.reference_images))
     assert np.abs(_pixels(out) - e_alone).max() > 1  # the guidance moved E's image
     assert np.abs(e_alone - g_alone).max() > 1  # and E (base + LoRA) is another model than G (base)
+
+
+def test_generate_with_two_lora_files_as_g_and_e(model, tmp_path):
+    """An early and a late LoRA of one run: two adapters on the one transformer, as in memory."""
+    stock = KINDS[model["kind"]][0]
+    parts = KINDS[model["kind"]][2](seed=0)
+    early = save_dreambooth_lora(stock, parts["transformer"], tmp_path / "early", seed=6)
+    out = tmp_path / "two.png"
+    args = ["generate", PROMPT, "--model", str(model["base"]), *SIZE, "--alpha", "20", "--out", str(out)]
+    assert main([*args, "--guidance-adapter", str(early), "--edit-adapter", str(model["lora"])]) == 0
+    pipe = model["blend"].from_pretrained(model["base"])
+    pipe.load_lora_weights(early.parent, adapter_name="guidance")
+    pipe.load_lora_weights(model["lora"].parent, adapter_name="edit")
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(
+        PROMPT, num_inference_steps=2, height=32, width=32, guidance_scale=3.0,
+        cross_attention_guidance_scale=20.0, generator=torch.Generator().manual_seed(0),
+        guidance_adapter="guidance", edit_adapter="edit",
+    )  # fmt: skip
+    assert np.abs(_pixels(out) - np.asarray(expected.images[0], dtype=np.int16)).max() <= 1
+    base_g = np.asarray(_in_memory(model, 20.0, 0).images[0], dtype=np.int16)
+    assert np.abs(_pixels(out) - base_g).max() > 1  # G is the early LoRA, not the base model
+
+
+def test_text_encoder_weights_in_a_lora_file_are_dropped(model, tmp_path):
+    """A LoRA trained with the text encoder too: its transformer part is E, the rest is dropped."""
+    stock = KINDS[model["kind"]][0]
+    encoder = model["blend"].from_pretrained(model["base"]).text_encoder
+    g = torch.Generator().manual_seed(0)
+    text_layers = {  # peft's key layout for a rank-2 LoRA on every q_proj
+        f"{name}.{part}.weight": torch.randn(shape, generator=g)
+        for name, mod in encoder.named_modules()
+        if name.endswith("q_proj")
+        for part, shape in (("lora_A", (2, mod.in_features)), ("lora_B", (mod.out_features, 2)))
+    }
+    layers = {k.removeprefix("transformer."): v for k, v in load_file(model["lora"]).items()}
+    stock.save_lora_weights(tmp_path, transformer_lora_layers=layers, text_encoder_lora_layers=text_layers)
+    pipe = load_pipeline(model["base"])
+    with pytest.warns(UserWarning, match="also holds text-encoder LoRA weights"):
+        roles = prepare_models(
+            pipe, ModelSpec(), ModelSpec(str(tmp_path / "pytorch_lora_weights.safetensors"))
+        )
+    assert not getattr(pipe.text_encoder, "peft_config", None)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        PROMPT, num_inference_steps=2, height=32, width=32, guidance_scale=3.0,
+        cross_attention_guidance_scale=20.0, generator=torch.Generator().manual_seed(3), **roles,
+    ).images[0]  # fmt: skip
+    expected = _in_memory(model, 20.0, 3).images[0]
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
 
 
 def _jobs(model: dict, folder: Path, **overrides: object) -> Path:

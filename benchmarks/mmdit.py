@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from benchmarks.e2e import (
     _not_measured,
     _proc_status_bytes,
+    _release,
     _time_ms,
     environment,
     git_revision,
@@ -474,6 +475,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure every peer this often, order reversed each round"
+    )
     parser.add_argument("--repeats", type=int, help="timed repeats (default 5; --smoke 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; --smoke: 1)")
@@ -504,8 +508,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.isolate = torch.device(args.device).type == "cpu" and not args.smoke
     if args.resolution % (2 * VAE_FACTOR):
         parser.error(f"--resolution must be a multiple of {2 * VAE_FACTOR} (2x2 patches of 8x latents)")
-    if min(args.batch, args.repeats, *(args.blocks or [1])) < 1 or args.warmup < 0:
-        parser.error("--batch, --repeats and --blocks must be positive, --warmup >= 0")
+    if min(args.batch, args.repeats, args.rounds, *(args.blocks or [1])) < 1 or args.warmup < 0:
+        parser.error("--batch, --repeats, --rounds and --blocks must be positive, --warmup >= 0")
     for name in args.models:
         try:
             ALL_MODELS[name].depth(args.blocks)
@@ -540,11 +544,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"appending to {args.out}", flush=True)
     for name in args.models:
         spec = ALL_MODELS[name]
-        for peer in peers_for(args):
+        peers = peers_for(args)
+        # Rounds alternate the peer order (A B C, C B A, ...): on a shared machine the load drifts
+        # over minutes, and one fixed order would credit that drift to whichever peer runs last.
+        schedule = [(r, p) for r in range(args.rounds) for p in (peers if r % 2 == 0 else peers[::-1])]
+        for round_index, peer in schedule:
             if args.isolate:
                 fields = isolated(args, name, peer)
             else:
                 fields = guarded(partial(measure, spec, peer, args), args.fail_fast)
+                _release(device)
             backend = {"ours": ops.resolved_backend_name("auto", device), "ours_torch": "torch"}.get(peer)
             record = {
                 **shared,
@@ -561,6 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "dtype": args.dtype,
                 "batch": args.batch,
                 "peer": peer,
+                "round": round_index,
                 "backend": backend,
                 "maps": "per-head, all text tokens",
                 "computed": computed_memory(spec, args),

@@ -206,8 +206,10 @@ def eager_joint(
     scale = scale or query.shape[-1] ** -0.5
     probs = torch.softmax(query @ key.transpose(-1, -2) * scale, dim=-1)
     start, n_text = text
-    image = torch.cat([probs[:, :, :start], probs[:, :, start + n_text :]], dim=2)
-    return probs @ value, image[..., start : start + n_text].float()
+    block = probs[..., start : start + n_text]  # text columns first: the row join copies only those
+    rows = [block[:, :, :start], block[:, :, start + n_text :]]
+    maps = torch.cat(rows, dim=2) if start else rows[1]
+    return probs @ value, maps.float()
 
 
 class EagerJointMaps:

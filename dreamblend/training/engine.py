@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dreamblend.checkpoints import saved_without
 from dreamblend.hub import DTYPE_KWARG, ModelUnavailableError, hub_errors
 from dreamblend.training.data import (
     LatentBank,
@@ -252,7 +253,7 @@ class Trainer(ABC):
                 self.pipe = DiffusionPipeline.from_pretrained(
                     cfg.pretrained_model,
                     **{DTYPE_KWARG: torch.float32},
-                    **_saved_without(cfg.pretrained_model),
+                    **saved_without(cfg.pretrained_model),
                 )
         except ModelUnavailableError as exc:
             raise TrainingInputError(str(exc)) from None
@@ -678,16 +679,6 @@ def _numbered_dirs(folder: Path, pattern: re.Pattern[str]) -> list[tuple[int, Pa
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := pattern.match(p.name))]
     return sorted(found)
-
-
-def _saved_without(model: str) -> dict[str, None]:
-    """Components a local pipeline folder was saved without (e.g. SD3 without T5: ``[null, null]`` in its
-    index), which ``from_pretrained`` wants passed as None explicitly."""
-    index = Path(model) / "model_index.json"
-    if not index.is_file():
-        return {}
-    entries = json.loads(index.read_text(encoding="utf-8"))
-    return {k: None for k, v in entries.items() if not k.startswith("_") and v == [None, None]}
 
 
 def _portable_model_id(model: str) -> str:

@@ -221,8 +221,16 @@ def tiny_clip_tokenizer(
 # Models
 # --------------------------------------------------------------------------------------------------
 
-# Offsets keep each component's weights independent of the others' construction order.
-_SEED_OFFSETS = {"unet": 0, "vae": 1, "text_encoder": 2, "text_encoder_2": 3}
+# Offsets keep each component's weights independent of the others' construction order (a transformer
+# takes the UNet's: it is the denoiser of the MMDiT fixtures in dreamblend.testing_mmdit).
+_SEED_OFFSETS = {
+    "unet": 0,
+    "transformer": 0,
+    "vae": 1,
+    "text_encoder": 2,
+    "text_encoder_2": 3,
+    "text_encoder_3": 4,
+}
 
 
 def _seeded(seed: int, component: str, build: Any) -> Any:
@@ -255,8 +263,11 @@ def _text_config(tokenizer: CLIPTokenizer, hidden_size: int, *, projection_dim: 
     )
 
 
-def _tiny_vae(seed: int, sample_size: int, scaling_factor: float) -> AutoencoderKL:
-    """A two-level KL autoencoder (4 latent channels, downscale 2) with the checkpoint's scaling factor."""
+def _tiny_vae(seed: int, sample_size: int, scaling_factor: float, **config: Any) -> AutoencoderKL:
+    """A two-level KL autoencoder (4 latent channels, downscale 2) with the checkpoint's scaling factor.
+
+    ``config`` adds what a model family's VAE sets beyond that (SD3/FLUX: ``shift_factor``, no quant convs).
+    """
     return _seeded(
         seed,
         "vae",
@@ -271,6 +282,7 @@ def _tiny_vae(seed: int, sample_size: int, scaling_factor: float) -> Autoencoder
             norm_num_groups=32,
             sample_size=sample_size,
             scaling_factor=scaling_factor,
+            **config,
         ),
     )
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
-from mmdit_helpers import tiny_flux_components, tiny_flux_pipeline_transformer
 
 from dreamblend import AttentionStore
 from dreamblend.mmdit import DreamBlendFluxPipeline, attach
+from dreamblend.testing_mmdit import tiny_flux_components, tiny_flux_pipeline_transformer
 
 PROMPT = "a photo of sks dog on the beach"
 CALL = {"height": 32, "width": 32, "num_inference_steps": 3, "guidance_scale": 3.5, "max_sequence_length": 8}

@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 import yaml
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
-from mmdit_helpers import save_dreambooth_lora, tiny_flux_components, tiny_sd3, tiny_sd3_components
+from mmdit_helpers import save_dreambooth_lora
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -26,6 +26,7 @@ from dreamblend.commands import batch as batch_command
 from dreamblend.mmdit import DreamBlendFluxPipeline, DreamBlendSD3Pipeline
 from dreamblend.pipelines import DreamBlendPipeline, DreamBlendXLPipeline
 from dreamblend.testing import save_tiny_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+from dreamblend.testing_mmdit import tiny_flux_components, tiny_sd3, tiny_sd3_components
 
 PROMPT = "a photo of sks dog on the beach"
 SIZE = ["--steps", "2", "--height", "32", "--width", "32"]

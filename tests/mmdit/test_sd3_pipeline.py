@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
-from mmdit_helpers import tiny_sd3, tiny_sd3_components
 
 from dreamblend import AttentionStore
 from dreamblend.mmdit import DreamBlendSD3Pipeline, attach
+from dreamblend.testing_mmdit import tiny_sd3, tiny_sd3_components
 
 PROMPT = "a photo of sks dog on the beach"
 CALL = {"height": 32, "width": 32, "num_inference_steps": 3, "guidance_scale": 4.0, "max_sequence_length": 6}

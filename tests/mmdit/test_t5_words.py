@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from mmdit_helpers import tiny_t5_tokenizer
 
 from dreamblend.testing import tiny_clip_tokenizer
+from dreamblend.testing_mmdit import tiny_t5_tokenizer
 from dreamblend.tokens import TextSegment, prompt_words, resolve_text_tokens, resolve_tokens, word_positions
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from dreamblend.cli import main
+from dreamblend.testing_mmdit import tiny_flux_components, tiny_sd3_components
 from dreamblend.training import (
     DreamBoothConfig,
     TrainingInputError,
@@ -29,30 +29,21 @@ from dreamblend.training import (
 from dreamblend.training.data import derive_seed, image_at, list_images, prepare_image
 from dreamblend.training.mmdit import MMDiTDreamBoothTrainer, is_mmdit_model
 
-# The tiny SD3/FLUX builders live beside the MMDiT pipeline tests (pytest puts only this folder on the path).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mmdit"))
-from mmdit_helpers import tiny_flux_components, tiny_sd3_components  # noqa: E402
-
 MODELS = ("sd3", "flux")
 PROMPT = "a photo of sks dog"
 
 
-def sd3_components() -> dict:
-    """The tiny SD3 with a tiny T5 as its third encoder (32 wide, as the two CLIPs together), so the
-    saved folder loads with a plain ``from_pretrained`` like a real SD3 checkpoint."""
-    components, flux = tiny_sd3_components(), tiny_flux_components()
-    return {**components, "text_encoder_3": flux["text_encoder_2"], "tokenizer_3": flux["tokenizer_2"]}
-
-
 def components(name: str) -> dict:
-    return sd3_components() if name == "sd3" else tiny_flux_components()
+    """The tiny pipeline; SD3 with its T5, so the saved folder loads with a plain ``from_pretrained`` like a
+    real SD3 checkpoint."""
+    return tiny_sd3_components(t5=True) if name == "sd3" else tiny_flux_components()
 
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mmdit_bases")
-    StableDiffusion3Pipeline(**sd3_components()).save_pretrained(root / "sd3")
-    FluxPipeline(**tiny_flux_components()).save_pretrained(root / "flux")
+    StableDiffusion3Pipeline(**components("sd3")).save_pretrained(root / "sd3")
+    FluxPipeline(**components("flux")).save_pretrained(root / "flux")
     return {"sd3": root / "sd3", "flux": root / "flux"}
 
 

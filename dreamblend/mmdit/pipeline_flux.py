@@ -24,19 +24,17 @@ from diffusers import (
     FluxTransformer2DModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from dreamblend.mmdit.sampling import FlowScheduler, MMDiTBlendMixin, attention_store, pack, unpack
+from dreamblend.mmdit.sampling import MMDiTBlendMixin, attention_store, pack, unpack
 from dreamblend.pipelines.blend import (
     AdapterSpec,
     AttentionCallback,
     Conditioning,
     DreamBlendPipelineOutput,
     GuidanceSteps,
-    check_schedule,
-    resolve_alpha,
 )
 from dreamblend.store import LayerSpec
 from dreamblend.tokens import TextSegment
@@ -87,18 +85,11 @@ class DreamBlendFluxPipeline(MMDiTBlendMixin, FluxPipeline):
 
     def _timesteps(self, num_inference_steps: int, sigmas: Sequence[float] | None, num_tokens: int) -> Tensor:
         """The stock pipeline's schedule: linear sigmas shifted by the image's token count."""
-        config = self.scheduler.config
         if sigmas is None:
             sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        if config.get("use_flow_sigmas", False):
+        if self.scheduler.config.get("use_flow_sigmas", False):
             sigmas = None
-        mu = calculate_shift(
-            num_tokens,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
+        mu = self._resolution_shift(num_tokens, 1.15)
         timesteps, _ = retrieve_timesteps(
             self.scheduler, num_inference_steps, self._execution_device, sigmas=sigmas, mu=mu
         )
@@ -106,11 +97,8 @@ class DreamBlendFluxPipeline(MMDiTBlendMixin, FluxPipeline):
         return timesteps
 
     def _decode(self, latents: Tensor, output_type: str) -> Any:
-        if output_type == "latent":
-            return pack(latents)
-        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
-        return self.image_processor.postprocess(image, output_type=output_type)
+        """Latent output is packed, as ``FluxPipeline``'s is."""
+        return pack(latents) if output_type == "latent" else super()._decode(latents, output_type)
 
     @torch.no_grad()
     def __call__(
@@ -166,13 +154,10 @@ class DreamBlendFluxPipeline(MMDiTBlendMixin, FluxPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             max_sequence_length=max_sequence_length,
         )
-        alpha = resolve_alpha(cross_attention_guidance_scale, "epsilon")
-        check_schedule(schedule)
-        pair = self._model_pair(guidance_adapter, edit_adapter)
-        self._guidance_scale = guidance_scale
-        self._joint_attention_kwargs = None
+        pair, alpha = self._start_call(
+            guidance_scale, cross_attention_guidance_scale, schedule, guidance_adapter, edit_adapter
+        )
         self._current_timestep = None
-        self._interrupt = False
         device = self._execution_device
 
         # 1. Text: CLIP's pooled embedding and T5's sequence, shared by G and E (no CFG batch)
@@ -199,34 +184,15 @@ class DreamBlendFluxPipeline(MMDiTBlendMixin, FluxPipeline):
         # guidance_scale 1.0 keeps the Conditioning's CFG batch off; FLUX's own guidance rides in kwargs
         cond = Conditioning(embeds, 1.0, kwargs)
 
-        # 3. G records reference maps, E follows them (DESIGN §2)
+        # 3. G records reference maps, E follows them (DESIGN §2); E's image (and G's reference) decoded
         # FLUX's text block is T5's tokens alone (CLIP gives only the pooled embedding).
         segments = None if prompt is None else [
             TextSegment(self.tokenizer_2, prompt_2 or prompt, 0, max_sequence_length)
         ]  # fmt: skip
         store = attention_store(segments, attention_tokens, head_mean, attention_layers, attention_backend)
-        latents, g_latents = self._sample(
-            pair,
-            cond,
-            store,
-            FlowScheduler(self.scheduler),
-            timesteps,
-            latents,
-            alpha=alpha,
-            guidance_steps=guidance_steps,
-            schedule=schedule,
-            return_reference=return_reference,
-            edit_step_kwargs={},
-            guidance_step_kwargs={},
-            callback_on_step_end=callback_on_step_end,
+        return self._flow_sample(
+            pair, cond, store, timesteps, latents, alpha=alpha, guidance_steps=guidance_steps,
+            schedule=schedule, return_reference=return_reference, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            attention_callback=attention_callback,
-        )
-
-        # 4. Decode E's image (and G's reference)
-        images = self._decode(latents, output_type)
-        reference = self._decode(g_latents, output_type) if return_reference else None
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return images, reference
-        return DreamBlendPipelineOutput(images=images, reference_images=reference)
+            attention_callback=attention_callback, output_type=output_type, return_dict=return_dict,
+        )  # fmt: skip

@@ -19,22 +19,17 @@ from diffusers import (
     StableDiffusion3Pipeline,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
-    calculate_shift,
-    retrieve_timesteps,
-)
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
 from torch import Tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from dreamblend.mmdit.sampling import FlowScheduler, MMDiTBlendMixin, attention_store
+from dreamblend.mmdit.sampling import MMDiTBlendMixin, attention_store
 from dreamblend.pipelines.blend import (
     AdapterSpec,
     AttentionCallback,
     Conditioning,
     DreamBlendPipelineOutput,
     GuidanceSteps,
-    check_schedule,
-    resolve_alpha,
 )
 from dreamblend.store import LayerSpec
 from dreamblend.tokens import TextSegment
@@ -83,18 +78,10 @@ class DreamBlendSD3Pipeline(MMDiTBlendMixin, StableDiffusion3Pipeline):
         self, num_inference_steps: int, sigmas: list[float] | None, mu: float | None, latents: Tensor
     ) -> Tensor:
         """The stock pipeline's timesteps (with its resolution-dependent shift when configured)."""
-        config = self.scheduler.config
         kwargs = {}
-        if config.get("use_dynamic_shifting", None) and mu is None:
+        if self.scheduler.config.get("use_dynamic_shifting", None) and mu is None:
             patch = self.transformer.config.patch_size
-            seq_len = (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
-            mu = calculate_shift(
-                seq_len,
-                config.get("base_image_seq_len", 256),
-                config.get("max_image_seq_len", 4096),
-                config.get("base_shift", 0.5),
-                config.get("max_shift", 1.16),
-            )
+            mu = self._resolution_shift((latents.shape[-2] // patch) * (latents.shape[-1] // patch), 1.16)
         if mu is not None:
             kwargs["mu"] = mu
         timesteps, _ = retrieve_timesteps(
@@ -114,13 +101,6 @@ class DreamBlendSD3Pipeline(MMDiTBlendMixin, StableDiffusion3Pipeline):
         if self.text_encoder_3 is not None:
             segments.append(TextSegment(self.tokenizer_3, prompt_3 or prompt, clip, max_sequence_length))
         return segments
-
-    def _decode(self, latents: Tensor, output_type: str) -> Any:
-        if output_type == "latent":
-            return latents
-        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
-        return self.image_processor.postprocess(image, output_type=output_type)
 
     @torch.no_grad()
     def __call__(
@@ -177,13 +157,10 @@ class DreamBlendSD3Pipeline(MMDiTBlendMixin, StableDiffusion3Pipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             max_sequence_length=max_sequence_length,
         )  # fmt: skip
-        alpha = resolve_alpha(cross_attention_guidance_scale, "epsilon")
-        check_schedule(schedule)
-        pair = self._model_pair(guidance_adapter, edit_adapter)
-        self._guidance_scale = guidance_scale
+        pair, alpha = self._start_call(
+            guidance_scale, cross_attention_guidance_scale, schedule, guidance_adapter, edit_adapter
+        )
         self._clip_skip = clip_skip
-        self._joint_attention_kwargs = None
-        self._interrupt = False
         device = self._execution_device
 
         # 1. Text: CLIP-L, CLIP-G and T5, shared by G and E; CFG batch [uncond; cond]
@@ -212,36 +189,12 @@ class DreamBlendSD3Pipeline(MMDiTBlendMixin, StableDiffusion3Pipeline):
         ).float()  # fmt: skip
         timesteps = self._timesteps(num_inference_steps, sigmas, mu, latents)
 
-        # 3. G records reference maps, E follows them (DESIGN §2)
-        store = attention_store(
-            self._text_segments(prompt, prompt_3, max_sequence_length),
-            attention_tokens,
-            head_mean,
-            attention_layers,
-            attention_backend,
-        )
-        latents, g_latents = self._sample(
-            pair,
-            cond,
-            store,
-            FlowScheduler(self.scheduler),
-            timesteps,
-            latents,
-            alpha=alpha,
-            guidance_steps=guidance_steps,
-            schedule=schedule,
-            return_reference=return_reference,
-            edit_step_kwargs={},
-            guidance_step_kwargs={},
-            callback_on_step_end=callback_on_step_end,
+        # 3. G records reference maps, E follows them (DESIGN §2); E's image (and G's reference) decoded
+        segments = self._text_segments(prompt, prompt_3, max_sequence_length)
+        store = attention_store(segments, attention_tokens, head_mean, attention_layers, attention_backend)
+        return self._flow_sample(
+            pair, cond, store, timesteps, latents, alpha=alpha, guidance_steps=guidance_steps,
+            schedule=schedule, return_reference=return_reference, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            attention_callback=attention_callback,
-        )
-
-        # 4. Decode E's image (and G's reference)
-        images = self._decode(latents, output_type)
-        reference = self._decode(g_latents, output_type) if return_reference else None
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return images, reference
-        return DreamBlendPipelineOutput(images=images, reference_images=reference)
+            attention_callback=attention_callback, output_type=output_type, return_dict=return_dict,
+        )  # fmt: skip

@@ -1,4 +1,5 @@
-"""What the MMDiT pipelines (SD3, FLUX) share: G/E pairing, the model call, the word positions.
+"""What the MMDiT pipelines (SD3, FLUX) share: G/E pairing, the model call, the word positions, the
+call's set-up, timestep shift, flow-matching loop and decoding.
 
 The machinery of :mod:`dreamblend.pipelines.blend` (model pairing, the CFG step, the guided update,
 the sampler and its loop, :class:`~dreamblend.pipelines.blend.BlendLoop`) is written against the
@@ -19,15 +20,20 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, FluxPipeline, FluxTransformer2DModel
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import Tensor, nn
 
 from dreamblend.mmdit.processors import attach
 from dreamblend.pipelines.blend import (
     AdapterSpec,
     BlendLoop,
+    Conditioning,
+    DreamBlendPipelineOutput,
     DreamBlendSampler,
     ModelPair,
+    check_schedule,
     check_shares_components,
+    resolve_alpha,
 )
 from dreamblend.store import AttentionStore, LayerSpec
 from dreamblend.tokens import TextSegment, TokenSelection, has_words, resolve_text_tokens
@@ -161,7 +167,8 @@ def attention_store(
 
 
 class MMDiTBlendMixin(BlendLoop):
-    """Loading and pairing G for pipelines with a ``transformer``; the loop is :class:`BlendLoop`'s."""
+    """Loading and pairing G, the call's set-up and the flow-matching loop for pipelines with a
+    ``transformer``; the loop itself is :class:`BlendLoop`'s."""
 
     sampler_class = MMDiTSampler
 
@@ -193,3 +200,67 @@ class MMDiTBlendMixin(BlendLoop):
             text_width=None,
             latent_channels=self.transformer.config.in_channels,
         )
+
+    def _start_call(
+        self,
+        guidance_scale: float,
+        cross_attention_guidance_scale: float | None,
+        schedule: str,
+        guidance_adapter: AdapterSpec,
+        edit_adapter: AdapterSpec,
+    ) -> tuple[TransformerPair, float]:
+        """G and E and alpha for the call (arguments checked), and the stock pipelines' call state."""
+        alpha = resolve_alpha(cross_attention_guidance_scale, "epsilon")
+        check_schedule(schedule)
+        pair = self._model_pair(guidance_adapter, edit_adapter)
+        self._guidance_scale = guidance_scale
+        self._joint_attention_kwargs = None
+        self._interrupt = False
+        return pair, alpha
+
+    def _resolution_shift(self, num_tokens: int, max_shift: float) -> float:
+        """The stock pipelines' timestep shift ``mu`` for an image of ``num_tokens`` tokens: linear from
+        ``base_shift`` at ``base_image_seq_len`` to ``max_shift`` at ``max_image_seq_len`` (scheduler config;
+        the pipelines' defaults where it has none: SD3's ``max_shift`` is 1.16, FLUX's 1.15)."""
+        config = self.scheduler.config
+        return calculate_shift(
+            num_tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", max_shift),
+        )
+
+    def _decode(self, latents: Tensor, output_type: str) -> Any:
+        if output_type == "latent":
+            return latents
+        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        return self.image_processor.postprocess(image, output_type=output_type)
+
+    def _flow_sample(
+        self,
+        pair: TransformerPair,
+        cond: Conditioning,
+        store: AttentionStore,
+        timesteps: Tensor,
+        latents: Tensor,
+        *,
+        output_type: str,
+        return_dict: bool,
+        **loop: Any,
+    ) -> DreamBlendPipelineOutput | tuple:
+        """G and E through :meth:`BlendLoop._sample` (``loop``: its keyword arguments) with the flow-matching
+        step, which takes no extra step arguments, then the call's decoded result."""
+        latents, g_latents = self._sample(
+            pair,
+            cond,
+            store,
+            FlowScheduler(self.scheduler),
+            timesteps,
+            latents,
+            edit_step_kwargs={},
+            guidance_step_kwargs={},
+            **loop,
+        )
+        return self._output(latents, g_latents, output_type, loop["return_reference"], return_dict)

@@ -627,7 +627,8 @@ class BlendLoop:
     """Algorithm 1's loop over a pipeline's timesteps, shared by the UNet and MMDiT pipelines.
 
     Hooks for a model family: ``sampler_class`` (its :attr:`DreamBlendSampler.install` puts that
-    family's processors on G and E) and :meth:`_step_callback` (the latents callbacks see).
+    family's processors on G and E) and :meth:`_step_callback` (the latents callbacks see); a pipeline
+    provides ``_decode(latents, output_type)`` for :meth:`_output`.
     """
 
     sampler_class: type[DreamBlendSampler] = DreamBlendSampler
@@ -696,6 +697,17 @@ class BlendLoop:
                     progress_bar.update()
         sampler.finish()
         return latents, g_latents
+
+    def _output(
+        self, latents: Tensor, g_latents: Tensor, output_type: str, return_reference: bool, return_dict: bool
+    ) -> DreamBlendPipelineOutput | tuple:
+        """The call's result: E's images and, with ``return_reference``, G's (the pipeline's ``_decode``)."""
+        images = self._decode(latents, output_type)
+        reference = self._decode(g_latents, output_type) if return_reference else None
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, reference
+        return DreamBlendPipelineOutput(images=images, reference_images=reference)
 
 
 class DreamBlendMixin(BlendLoop):

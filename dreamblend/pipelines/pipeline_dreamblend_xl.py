@@ -223,9 +223,4 @@ class DreamBlendXLPipeline(DreamBlendMixin, StableDiffusionXLPipeline):
         )
 
         # 3. Decode E's image (and G's reference)
-        images = self._decode(latents, output_type)
-        reference = self._decode(g_latents, output_type) if return_reference else None
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return images, reference
-        return DreamBlendPipelineOutput(images=images, reference_images=reference)
+        return self._output(latents, g_latents, output_type, return_reference, return_dict)

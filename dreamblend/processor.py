@@ -61,14 +61,8 @@ class DreamBlendProcessor:
 
         query, key, value = self.project_qkv(attn, hidden_states, encoder_hidden_states)
 
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = split_heads(attn, query, key, value, attn.norm_q, attn.norm_k)
+        head_dim = query.shape[-1]
 
         plan = None
         if self.store is not None:
@@ -130,6 +124,30 @@ class DreamBlendProcessor:
             out, result = backend.guided_attention(*sel, ref, attn.scale, plan.tokens, store.head_mean)
         store.put(plan, result)
         return join_rows(out, q, k, v, start, stop)
+
+
+def split_heads(
+    attn: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    norm_q: nn.Module | None,
+    norm_k: nn.Module | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(B, L, H * D)`` projections as ``(B, H, L, D)`` heads, query and key through the given norms.
+
+    The stock processors' steps in their order (UNet and SD3 layers, SD3's text projections with their
+    ``norm_added_q/k``), so every processor here computes exactly what the stock one would.
+    """
+    batch_size, head_dim = query.shape[0], key.shape[-1] // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
+    return query, key, value
 
 
 def plan_rows(plan: LayerPlan, batch: int) -> tuple[int, int]:

@@ -31,7 +31,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 from torch import Tensor, nn
 
 from dreamblend import ops
-from dreamblend.processor import installed, join_rows, plan_rows
+from dreamblend.processor import installed, join_rows, plan_rows, split_heads
 from dreamblend.store import AttentionStore
 
 
@@ -96,29 +96,25 @@ class SD3DreamBlendProcessor(_MMDiTProcessor):
         residual = hidden_states
         batch_size = hidden_states.shape[0]
 
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = split_heads(
+            attn,
+            attn.to_q(hidden_states),
+            attn.to_k(hidden_states),
+            attn.to_v(hidden_states),
+            attn.norm_q,
+            attn.norm_k,
+        )
+        head_dim = query.shape[-1]
 
         if encoder_hidden_states is not None:
-            context_query = attn.add_q_proj(encoder_hidden_states)
-            context_key = attn.add_k_proj(encoder_hidden_states)
-            context_value = attn.add_v_proj(encoder_hidden_states)
-            context_query = context_query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            context_key = context_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            context_value = context_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            if attn.norm_added_q is not None:
-                context_query = attn.norm_added_q(context_query)
-            if attn.norm_added_k is not None:
-                context_key = attn.norm_added_k(context_key)
+            context_query, context_key, context_value = split_heads(
+                attn,
+                attn.add_q_proj(encoder_hidden_states),
+                attn.add_k_proj(encoder_hidden_states),
+                attn.add_v_proj(encoder_hidden_states),
+                attn.norm_added_q,
+                attn.norm_added_k,
+            )
             query = torch.cat([query, context_query], dim=2)
             key = torch.cat([key, context_key], dim=2)
             value = torch.cat([value, context_value], dim=2)

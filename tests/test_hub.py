@@ -64,6 +64,8 @@ def test_generate_offline_prints_one_line(tmp_path):
             "a dog",
             "--model",
             "org/model",
+            "--edit-model",  # a run names G or E (the base alone is refused before any loading)
+            "org/model-late",
             "--out",
             str(tmp_path / "x.png"),
         ],

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -251,15 +252,22 @@ def _output_paths(out: Path, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{i}.png") for i in range(count)]
 
 
-def run(args: argparse.Namespace) -> int:
+def write_images(
+    command: str, make: Callable[[argparse.Namespace], list[Path]], args: argparse.Namespace
+) -> int:
+    """Run an image-writing command: print each written path, or one error line and exit status 2."""
     try:
-        written = generate(args)
+        written = make(args)
     except (CommandError, ValueError, FileNotFoundError) as exc:
-        print(f"dreamblend generate: error: {exc}", file=sys.stderr)
+        print(f"dreamblend {command}: error: {exc}", file=sys.stderr)
         return 2
     for path in written:
         print(path)
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return write_images("generate", generate, args)
 
 
 def generate(args: argparse.Namespace) -> list[Path]:

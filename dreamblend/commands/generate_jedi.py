@@ -7,7 +7,6 @@ No fine-tuning: the references and the image to generate are denoised as one set
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from dreamblend.commands import help_text
@@ -18,6 +17,7 @@ from dreamblend.commands.generate import (
     ensure_writable_dir,
     resolve_runtime,
     save_png,
+    write_images,
 )
 
 EPILOG = """\
@@ -64,14 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        written = generate(args)
-    except (CommandError, ValueError, FileNotFoundError) as exc:
-        print(f"dreamblend generate-jedi: error: {exc}", file=sys.stderr)
-        return 2
-    for path in written:
-        print(path)
-    return 0
+    return write_images("generate-jedi", generate, args)
 
 
 def generate(args: argparse.Namespace) -> list[Path]:

@@ -410,9 +410,10 @@ def cfg_step(
     store: AttentionStore | None = None,
 ) -> tuple[Tensor, dict[str, Tensor] | None]:
     """One classifier-free-guided denoising step; with ``store``, also the conditional branch's maps."""
+    dtype = unet.dtype  # diffusers walks every module for it: once per step, not per tensor
     model_input = torch.cat([latents] * 2) if cond.do_cfg else latents
-    model_input = scheduler.scale_model_input(model_input, t).to(unet.dtype)
-    embeds, kwargs = cond.inputs(unet.dtype)
+    model_input = scheduler.scale_model_input(model_input, t).to(dtype)
+    embeds, kwargs = cond.inputs(dtype)
     recording = store.record(rows=cond.cond_rows) if store is not None else nullcontext()
     with recording:
         noise = unet(model_input, t, encoder_hidden_states=embeds, **kwargs, return_dict=False)[0]
@@ -532,10 +533,11 @@ class DreamBlendSampler:
         loss or update is not finite keeps its latent; the check is a device-side mask, reported in
         :meth:`finish` so the loop never waits on the host.
         """
-        embeds, kwargs = self.cond.inputs(unet.dtype, conditional_only=True)
+        dtype = unet.dtype
+        embeds, kwargs = self.cond.inputs(dtype, conditional_only=True)
         with torch.enable_grad():
             x = latents.detach().to(torch.float32).requires_grad_(True)
-            model_input = self.edit_scheduler.scale_model_input(x, t).to(unet.dtype)
+            model_input = self.edit_scheduler.scale_model_input(x, t).to(dtype)
             with self.store.guide(ref):
                 unet(model_input, t, encoder_hidden_states=embeds, **kwargs, return_dict=False)
                 losses = self.store.loss

@@ -16,6 +16,7 @@ forward, so one processor instance must serve every layer (``attach`` installs i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -30,7 +31,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 from torch import Tensor, nn
 
-from dreamblend import ops
+from dreamblend.ops.joint import resolve_joint_backend
 from dreamblend.processor import installed, join_rows, plan_rows, split_heads
 from dreamblend.store import AttentionStore
 
@@ -62,17 +63,16 @@ class _MMDiTProcessor:
             )
         start, stop = plan_rows(plan, q.shape[0])
         sel = (q[start:stop], k[start:stop], v[start:stop])
-        options = {
-            "text": text,
-            "tokens": plan.tokens,
-            "head_mean": store.head_mean,
-            "backend": store.backend,
-        }
+        # The store's tokens are checked indices on q's device already: the backend is called directly,
+        # as DreamBlendProcessor does, so no layer re-validates them (a GPU sync per layer). The scale is
+        # SDPA's default, which the stock processors use.
+        backend = resolve_joint_backend(store.backend, q)
+        options = (1.0 / math.sqrt(q.shape[-1]), text, plan.tokens, store.head_mean, False)
         if plan.mode == "record":
-            out, result = ops.joint_capture_attention(*sel, **options)
+            out, result = backend.joint_capture_attention(*sel, *options)
         else:
             ref = store.check_ref(plan, sel[0], text[1], num_queries=num_image)
-            out, result = ops.joint_guided_attention(*sel, ref, **options)
+            out, result = backend.joint_guided_attention(*sel, ref, *options)
         store.put(plan, result)
         return join_rows(out, q, k, v, start, stop)
 

@@ -44,7 +44,7 @@ from dreamblend.ops import (
     resolved_backend_name,
 )
 
-__all__ = ["joint_capture_attention", "joint_guided_attention", "joint_map_shape"]
+__all__ = ["joint_capture_attention", "joint_guided_attention", "joint_map_shape", "resolve_joint_backend"]
 
 
 def _check_text(text: tuple[int, int], length: int) -> tuple[int, int]:
@@ -63,9 +63,14 @@ def _check_text(text: tuple[int, int], length: int) -> tuple[int, int]:
     return start, n_text
 
 
-def _backend(backend: str, q: Tensor) -> ModuleType:
+def resolve_joint_backend(backend: str, q: Tensor) -> ModuleType:
     """The joint module for ``backend``; the cross-attention dispatcher's rules and errors decide which
-    backend ``"auto"`` means and whether a named one runs on ``q``'s device."""
+    backend ``"auto"`` means and whether a named one runs on ``q``'s device.
+
+    Its ``joint_capture_attention(q, k, v, scale, text, tokens, head_mean, text_softmax)`` and
+    ``joint_guided_attention(q, k, v, ref, ...)`` skip this module's checks: for callers that already
+    hold checked int64 token indices on q's device and a reference in the compute dtype (the MMDiT
+    processors, through the store), where re-checking the indices would sync with the GPU per layer."""
     name = resolved_backend_name(backend, q)
     if name == "cpp":
         from dreamblend.ops import joint_cpp  # only where the C++ module loaded (it imports it)
@@ -107,7 +112,8 @@ def joint_capture_attention(
     """Output ``(B, H, L, D)`` over all L queries (dtype of q) and float32 maps of the image queries x
     selected text keys, ``(B, M_img, T)`` head-mean or ``(B, H, M_img, T)``; differentiable in q, k, v."""
     text, idx, scale = _prepare(q, k, v, text, tokens, scale)
-    return _backend(backend, q).joint_capture_attention(q, k, v, scale, text, idx, head_mean, text_softmax)
+    module = resolve_joint_backend(backend, q)
+    return module.joint_capture_attention(q, k, v, scale, text, idx, head_mean, text_softmax)
 
 
 def joint_guided_attention(
@@ -133,5 +139,5 @@ def joint_guided_attention(
             f"{expected[-1]} text tokens); record it with the same text block, tokens, head_mean and batch"
         )
     ref = ref.to(device=q.device, dtype=reference.compute_dtype(q))
-    module = _backend(backend, q)
+    module = resolve_joint_backend(backend, q)
     return module.joint_guided_attention(q, k, v, ref, scale, text, idx, head_mean, text_softmax)

@@ -73,15 +73,24 @@ def browser() -> Iterator[webdriver.Chrome]:
 
 
 def _status_after(browser: webdriver.Chrome, button: str, *endings: str) -> str:
-    """Click ``button`` and wait until the status line starts with one of ``endings``."""
+    """Click ``button`` and wait until the status line is new and starts with one of ``endings``.
+
+    The line left by the previous run (say "Stopped.") may already match ``endings``, so the wait
+    also needs the text to differ from it: every test here follows a run with a different outcome.
+    """
     status = browser.find_element(By.CSS_SELECTOR, "#status")
     WebDriverWait(browser, 60).until(lambda d: d.find_element(By.CSS_SELECTOR, button).is_enabled())
+    before = status.text
     browser.find_element(By.CSS_SELECTOR, button).click()
+
+    def settled(_: webdriver.Chrome) -> str | None:
+        text = status.text
+        return text if text != before and text.startswith(endings) else None
+
     try:
-        WebDriverWait(browser, RUN_TIMEOUT).until(lambda d: status.text.startswith(endings))
+        return WebDriverWait(browser, RUN_TIMEOUT).until(settled)
     except TimeoutException:
-        pytest.fail(f"no {endings} after {RUN_TIMEOUT} s; the status says {status.text!r}")
-    return status.text
+        pytest.fail(f"no new {endings} after {RUN_TIMEOUT} s; the status says {status.text!r}")
 
 
 def _loaded_images(browser: webdriver.Chrome, selector: str) -> int:

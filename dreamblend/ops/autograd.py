@@ -1,6 +1,6 @@
-"""Autograd shared by the compiled backends (Triton, C++), whose ops recompute P in one backward op.
+"""Autograd of the Triton ops (cross and joint attention), whose backward op recomputes P.
 
-Each backend defines three ``torch.library`` ops: capture ``(q, k, v, tokens, scale, head_mean,
+Each kernel family defines three ``torch.library`` ops: capture ``(q, k, v, tokens, scale, head_mean,
 *options)``, guided ``(q, k, v, ref, tokens, scale, head_mean, *options)`` and a backward. The
 trailing non-tensor ``options`` (none for cross-attention; the text block and ``text_softmax`` for
 joint attention) are handed to the backward after its need-flags. Registering the gradients here

@@ -360,13 +360,17 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == H && k.size(3) == D,
               "q, k, v must share B, H and D, and k and v must have the same shape");
   TORCH_CHECK(M > 0 && N > 0, "attention needs at least one query and one key position");
+  // Every token (no index tensor) is the common case: no index checks, no reductions.
   at::Tensor idx = tokens.has_value() ? tokens->to(at::kLong).contiguous() : at::arange(N, at::kLong);
   TORCH_CHECK(idx.dim() == 1 && idx.numel() > 0, "tokens must be a non-empty 1-D index tensor");
-  TORCH_CHECK(idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < N, "token indices must lie in [0, ", N,
-              ")");
   bool all_tokens = idx.numel() == N;
   const int64_t* ids = idx.const_data_ptr<int64_t>();
-  for (int64_t c = 0; c < idx.numel() && all_tokens; ++c) all_tokens = ids[c] == c;
+  if (tokens.has_value()) {
+    for (int64_t c = 0; c < idx.numel(); ++c) {
+      TORCH_CHECK(ids[c] >= 0 && ids[c] < N, "token indices must lie in [0, ", N, ")");
+      all_tokens = all_tokens && ids[c] == c;
+    }
+  }
   const int64_t group = head_mean ? H : 1;
   Prepared p{{B, H, M, N, D, idx.numel(), head_mean, group, (M + kTileRows - 1) / kTileRows},
              compute_type(q), all_tokens};

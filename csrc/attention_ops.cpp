@@ -14,6 +14,10 @@
 // The common case (per-head maps of every token) fuses the map, loss and map-gradient work into the
 // probability rows instead of going through a separate (rows, T) map tile.
 //
+// Capture can keep maps for a range of batch rows only while computing every row's output: the
+// conditional half of a classifier-free-guidance batch, in one call instead of a second attention
+// for the unconditional half and a copy joining the two.
+//
 // Registered as ops in the `dreamblend_cpp` namespace with their autograd in C++ below: a Python
 // autograd wrapper costs about 0.15 ms per layer and guided step (measured on the toy world's UNet,
 // where that was a few percent of the step), and the backward needs nothing Python offers.
@@ -51,6 +55,7 @@ struct Shape {
   bool head_mean;
   int64_t group;   // heads sharing one map: H in head-mean mode, else 1
   int64_t chunks;  // query tiles per (batch, head group)
+  int64_t map_b0, map_b1;  // batch rows [map_b0, map_b1) have maps (all B but in a row-range capture)
 
   int64_t groups() const { return H / group; }
   int64_t tiles() const { return B * groups() * chunks; }
@@ -58,15 +63,18 @@ struct Shape {
 
 struct Tile {
   int64_t b, h0, chunk, r0, rows;
-  int64_t map_offset;  // first element of the tile in maps, ref and d_maps, laid out (B, H / group, M, T)
+  bool mapped;         // the tile's batch row has maps
+  int64_t map_offset;  // first element of the tile in maps, ref and d_maps, laid out (rows, H / group, M, T)
 };
 
 Tile locate(const Shape& s, int64_t index) {
   const int64_t chunk = index % s.chunks;
   const int64_t bg = index / s.chunks;  // b * groups + g
+  const int64_t b = bg / s.groups(), g = bg % s.groups();
   const int64_t r0 = chunk * kTileRows;
-  return {bg / s.groups(), (bg % s.groups()) * s.group, chunk, r0, std::min(kTileRows, s.M - r0),
-          (bg * s.M + r0) * s.T};
+  const bool mapped = b >= s.map_b0 && b < s.map_b1;
+  return {b, g * s.group, chunk, r0, std::min(kTileRows, s.M - r0), mapped,
+          (((b - s.map_b0) * s.groups() + g) * s.M + r0) * s.T};
 }
 
 // Row-major (rows, cols) matrix over existing memory. Read-only operands are cast from const: ATen
@@ -156,7 +164,7 @@ void forward(const Inputs<T>& in, const Strided<T>& out, T* maps, const T* ref, 
     for (int64_t i = begin; i < end; ++i) {
       const Tile t = locate(s, i);
       // Fused capture: the probability rows are the map rows, so softmax writes into the maps.
-      T* p = in.fused && maps ? maps + t.map_offset : probs.data();
+      T* p = in.fused && maps && t.mapped ? maps + t.map_offset : probs.data();
       tile_probs(in, t, scores.data(), p);
       for (int64_t j = 0; j < s.group; ++j) {
         const int64_t h = t.h0 + j;
@@ -164,7 +172,7 @@ void forward(const Inputs<T>& in, const Strided<T>& out, T* maps, const T* ref, 
         at::mm_out(o, mat(p + j * t.rows * s.N, t.rows, s.N), in.values(t.b, h));
       }
       if (maps) {
-        if (!in.fused) tile_map(in, t, p, maps + t.map_offset);
+        if (t.mapped && !in.fused) tile_map(in, t, p, maps + t.map_offset);
         continue;
       }
       const T* tile = p;  // fused: the map rows are the probability rows (T == N)
@@ -205,7 +213,6 @@ struct Grads {
 template <typename T>
 void backward(const Inputs<T>& in, const Grads<T>& g) {
   const Shape& s = in.s;
-  const bool has_map_grad = g.d_maps || g.d_loss;
   at::parallel_for(0, s.tiles(), 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView guard;
     std::vector<T> scores(kTileRows * s.N), probs(s.group * kTileRows * s.N), d_probs(kTileRows * s.N),
@@ -214,9 +221,10 @@ void backward(const Inputs<T>& in, const Grads<T>& g) {
       const Tile t = locate(s, i);
       const int64_t elems = t.rows * s.T;
       tile_probs(in, t, scores.data(), probs.data());
+      const bool has_map_grad = (g.d_maps || g.d_loss) && t.mapped;
       // Fused guided backward: the L1 sign is formed per probability row below, no map tile.
       const bool fused_l1 = in.fused && g.d_loss;
-      if (g.d_maps) {
+      if (g.d_maps && t.mapped) {
         // A head-mean map spreads its gradient over the heads with weight 1/H.
         const T inv_group = T(1) / T(s.group);
         for (int64_t x = 0; x < elems; ++x) e[x] = g.d_maps[t.map_offset + x] * inv_group;
@@ -333,7 +341,8 @@ struct Prepared {
   }
   std::vector<int64_t> map_sizes() const {
     const Shape& s = shape;
-    return s.head_mean ? std::vector<int64_t>{s.B, s.M, s.T} : std::vector<int64_t>{s.B, s.H, s.M, s.T};
+    const int64_t rows = s.map_b1 - s.map_b0;
+    return s.head_mean ? std::vector<int64_t>{rows, s.M, s.T} : std::vector<int64_t>{rows, s.H, s.M, s.T};
   }
   void check_map(const at::Tensor& t, const char* name) const {
     const std::vector<int64_t> expected = map_sizes();
@@ -350,8 +359,9 @@ struct Prepared {
 // float32 for half inputs, float64 kept: the reference's compute dtype.
 at::ScalarType compute_type(const at::Tensor& q) { return c10::promoteTypes(q.scalar_type(), at::kFloat); }
 
+// `map_rows`: [start, stop) of the batch rows that have maps; all of them by default.
 Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& tokens,
-                 bool head_mean) {
+                 bool head_mean, std::pair<int64_t, int64_t> map_rows = {0, -1}) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "expected q (B, H, M, D) and k, v (B, H, N, D)");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "dreamblend_cpp runs on CPU tensors");
   TORCH_CHECK(q.is_floating_point() && q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
@@ -372,7 +382,10 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     }
   }
   const int64_t group = head_mean ? H : 1;
-  Prepared p{{B, H, M, N, D, idx.numel(), head_mean, group, (M + kTileRows - 1) / kTileRows},
+  const int64_t map_b1 = map_rows.second < 0 ? B : map_rows.second;
+  TORCH_CHECK(0 <= map_rows.first && map_rows.first < map_b1 && map_b1 <= B, "map rows [", map_rows.first, ", ",
+              map_b1, ") must be a non-empty range of the batch's ", B, " rows");
+  Prepared p{{B, H, M, N, D, idx.numel(), head_mean, group, (M + kTileRows - 1) / kTileRows, map_rows.first, map_b1},
              compute_type(q), all_tokens};
   p.q = p.as_compute_rows(q);
   p.k = p.as_compute_rows(k);
@@ -383,8 +396,9 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v, const OptTensor& ref_in,
-                                                           const OptTensor& tokens, double scale, bool head_mean) {
-  const Prepared p = prepare(q, k, v, tokens, head_mean);
+                                                           const OptTensor& tokens, double scale, bool head_mean,
+                                                           std::pair<int64_t, int64_t> map_rows = {0, -1}) {
+  const Prepared p = prepare(q, k, v, tokens, head_mean, map_rows);
   const Shape& s = p.shape;
   auto out = p.new_rows();
   at::Tensor maps, ref, loss_parts;
@@ -404,9 +418,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(const at::Tensor& q, 
   return {out.to(q.scalar_type()), maps, loss_parts};
 }
 
+// Maps of batch rows [map_start, map_stop) (map_stop -1: to the end); out of every row.
 std::tuple<at::Tensor, at::Tensor> capture_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     const OptTensor& tokens, double scale, bool head_mean) {
-  auto [out, maps, unused] = run_forward(q, k, v, std::nullopt, tokens, scale, head_mean);
+                                                     const OptTensor& tokens, double scale, bool head_mean,
+                                                     int64_t map_start, int64_t map_stop) {
+  auto [out, maps, unused] = run_forward(q, k, v, std::nullopt, tokens, scale, head_mean, {map_start, map_stop});
   return {out, maps};
 }
 
@@ -431,12 +447,13 @@ std::tuple<at::Tensor, at::Tensor> guided_attention(const at::Tensor& q, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& tokens, const OptTensor& d_out,
     const OptTensor& d_maps, const OptTensor& ref, const OptTensor& d_loss, double scale, bool head_mean,
-    bool need_dq, bool need_dk, bool need_dv) {
-  const Prepared p = prepare(q, k, v, tokens, head_mean);
+    bool need_dq, bool need_dk, bool need_dv, int64_t map_start, int64_t map_stop) {
+  const Prepared p = prepare(q, k, v, tokens, head_mean, {map_start, map_stop});
   const Shape& s = p.shape;
   TORCH_CHECK(!(d_maps.has_value() && d_loss.has_value()),
               "pass d_maps (capture) or ref and d_loss (guided), not both");
   TORCH_CHECK(d_loss.has_value() == ref.has_value(), "the guided backward needs both ref and d_loss");
+  TORCH_CHECK(!d_loss.has_value() || (s.map_b0 == 0 && s.map_b1 == s.B), "the guided backward covers every row");
   at::Tensor dout_c, dmaps_c, ref_c, dloss_c;
   if (d_out.has_value()) {
     TORCH_CHECK(d_out->sizes() == q.sizes(), "d_out has shape ", d_out->sizes(), ", expected ", q.sizes());
@@ -496,10 +513,11 @@ struct BackwardFunction : torch::autograd::Function<BackwardFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const OptTensor& tokens, const OptTensor& d_out, const OptTensor& d_maps,
                                const OptTensor& ref, const OptTensor& d_loss, double scale, bool head_mean,
-                               bool need_dq, bool need_dk, bool need_dv) {
+                               bool need_dq, bool need_dk, bool need_dv, int64_t map_start, int64_t map_stop) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = op_handle<decltype(attention_backward)>("dreamblend_cpp::attention_backward");
-    auto [dq, dk, dv] = op.call(q, k, v, tokens, d_out, d_maps, ref, d_loss, scale, head_mean, need_dq, need_dk, need_dv);
+    auto [dq, dk, dv] = op.call(q, k, v, tokens, d_out, d_maps, ref, d_loss, scale, head_mean, need_dq, need_dk, need_dv,
+                                map_start, map_stop);
     return {dq, dk, dv};
   }
   static variable_list backward(AutogradContext*, variable_list) {
@@ -514,32 +532,37 @@ variable_list input_grads(AutogradContext* ctx, const variable_list& saved, cons
   auto grads = BackwardFunction::apply(saved[0], saved[1], saved[2], as_optional(saved[3]), as_optional(d_out),
                                        as_optional(d_maps), as_optional(ref), as_optional(d_loss),
                                        ctx->saved_data["scale"].toDouble(), ctx->saved_data["head_mean"].toBool(),
-                                       need[0], need[1], need[2]);
+                                       need[0], need[1], need[2], ctx->saved_data["map_start"].toInt(),
+                                       ctx->saved_data["map_stop"].toInt());
   for (int i = 0; i < 3; ++i) {
     if (!need[i]) grads[i] = at::Tensor();
   }
   return grads;
 }
 
-void save(AutogradContext* ctx, variable_list tensors, double scale, bool head_mean) {
+void save(AutogradContext* ctx, variable_list tensors, double scale, bool head_mean, int64_t map_start = 0,
+          int64_t map_stop = -1) {
   ctx->save_for_backward(std::move(tensors));
   ctx->saved_data["scale"] = scale;
   ctx->saved_data["head_mean"] = head_mean;
+  ctx->saved_data["map_start"] = map_start;
+  ctx->saved_data["map_stop"] = map_stop;
   ctx->set_materialize_grads(false);  // an output without a gradient costs no work in the backward
 }
 
 struct CaptureFunction : torch::autograd::Function<CaptureFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const OptTensor& tokens, double scale, bool head_mean) {
+                               const OptTensor& tokens, double scale, bool head_mean, int64_t map_start,
+                               int64_t map_stop) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = op_handle<decltype(capture_attention)>("dreamblend_cpp::capture_attention");
-    auto [out, maps] = op.call(q, k, v, tokens, scale, head_mean);
-    save(ctx, {q, k, v, or_undefined(tokens)}, scale, head_mean);
+    auto [out, maps] = op.call(q, k, v, tokens, scale, head_mean, map_start, map_stop);
+    save(ctx, {q, k, v, or_undefined(tokens)}, scale, head_mean, map_start, map_stop);
     return {out, maps};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto g = input_grads(ctx, ctx->get_saved_variables(), grads[0], grads[1], at::Tensor(), at::Tensor());
-    return {g[0], g[1], g[2], at::Tensor(), at::Tensor(), at::Tensor()};
+    return {g[0], g[1], g[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -561,8 +584,9 @@ struct GuidedFunction : torch::autograd::Function<GuidedFunction> {
 };
 
 std::tuple<at::Tensor, at::Tensor> capture_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                    const OptTensor& tokens, double scale, bool head_mean) {
-  auto r = CaptureFunction::apply(q, k, v, tokens, scale, head_mean);
+                                                    const OptTensor& tokens, double scale, bool head_mean,
+                                                    int64_t map_start, int64_t map_stop) {
+  auto r = CaptureFunction::apply(q, k, v, tokens, scale, head_mean, map_start, map_stop);
   return {r[0], r[1]};
 }
 
@@ -576,22 +600,23 @@ std::tuple<at::Tensor, at::Tensor> guided_autograd(const at::Tensor& q, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& tokens, const OptTensor& d_out,
     const OptTensor& d_maps, const OptTensor& ref, const OptTensor& d_loss, double scale, bool head_mean,
-    bool need_dq, bool need_dk, bool need_dv) {
+    bool need_dq, bool need_dk, bool need_dv, int64_t map_start, int64_t map_stop) {
   auto r = BackwardFunction::apply(q, k, v, tokens, d_out, d_maps, ref, d_loss, scale, head_mean, need_dq, need_dk,
-                                   need_dv);
+                                   need_dv, map_start, map_stop);
   return {r[0], r[1], r[2]};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(dreamblend_cpp, m) {
-  m.def("capture_attention(Tensor q, Tensor k, Tensor v, Tensor? tokens, float scale, bool head_mean) "
-        "-> (Tensor, Tensor)");
+  // map_start/map_stop: the batch rows [start, stop) that keep maps (stop -1: to the end).
+  m.def("capture_attention(Tensor q, Tensor k, Tensor v, Tensor? tokens, float scale, bool head_mean, "
+        "int map_start=0, int map_stop=-1) -> (Tensor, Tensor)");
   m.def("guided_attention(Tensor q, Tensor k, Tensor v, Tensor ref, Tensor? tokens, float scale, bool head_mean) "
         "-> (Tensor, Tensor)");
   m.def("attention_backward(Tensor q, Tensor k, Tensor v, Tensor? tokens, Tensor? d_out, Tensor? d_maps, "
-        "Tensor? ref, Tensor? d_loss, float scale, bool head_mean, bool need_dq, bool need_dk, bool need_dv) "
-        "-> (Tensor, Tensor, Tensor)");
+        "Tensor? ref, Tensor? d_loss, float scale, bool head_mean, bool need_dq, bool need_dk, bool need_dv, "
+        "int map_start=0, int map_stop=-1) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dreamblend_cpp, CPU, m) {

@@ -112,11 +112,18 @@ class DreamBlendProcessor:
         """The captured/guided attention core; rows outside ``plan.rows`` run plain SDPA."""
         store = self.store
         start, stop = plan_rows(plan, q.shape[0])
-        sel = (q[start:stop], k[start:stop], v[start:stop])
         # The store validated and cached the token indices on this device: straight to the backend, so
         # no per-layer check reads a device tensor back (a host sync on CUDA).
-        ops.check_qkv(*sel)
         backend = ops.resolve_backend(store.backend, q)
+        capture_rows = getattr(backend, "capture_rows", None)
+        if plan.mode == "record" and capture_rows is not None and (start, stop) != (0, q.shape[0]):
+            # A backend that keeps maps for some rows only does the whole batch in one call.
+            ops.check_qkv(q, k, v)
+            out, maps = capture_rows(q, k, v, attn.scale, plan.tokens, store.head_mean, start, stop)
+            store.put(plan, maps)
+            return out
+        sel = (q[start:stop], k[start:stop], v[start:stop])
+        ops.check_qkv(*sel)
         if plan.mode == "record":
             out, result = backend.capture_attention(*sel, attn.scale, plan.tokens, store.head_mean)
         else:

@@ -114,6 +114,40 @@ def test_matches_reference(b, h, m, n, d, op, head_mean, use, dtype):
         torch.testing.assert_close(grad, grad_r, **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("tokens", [None, [0, 38, 38, 76]], ids=["all_tokens", "subset"])
+@pytest.mark.parametrize("head_mean", [False, True], ids=["per_head", "head_mean"])
+@pytest.mark.parametrize("rows", [(1, 2), (0, 1), (1, 3), (0, 3)])
+def test_capture_rows_keeps_maps_of_those_rows_and_every_output(rows, head_mean, tokens):
+    """One call over the batch equals the reference over all rows, with maps of rows [start, stop)."""
+    start, stop = rows
+    q, k, v = make_qkv(3, 2, 300, 77, 40)  # 300 queries: a full and a partial row tile
+    idx = None if tokens is None else torch.tensor(tokens)
+    out, maps = cpp.capture_rows(q, k, v, 0.3, idx, head_mean, start, stop)
+    out_r, maps_r = ops.capture_attention(
+        q, k, v, scale=0.3, tokens=tokens, head_mean=head_mean, backend="torch"
+    )
+    assert maps.shape == maps_r[start:stop].shape
+    torch.testing.assert_close(out, out_r, **TOLERANCES[torch.float64])
+    torch.testing.assert_close(maps, maps_r[start:stop], **MAP_TOLERANCES[torch.float64])
+
+    g = torch.Generator().manual_seed(3)
+    d_out = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    d_maps = torch.randn(maps.shape, generator=g, dtype=maps.dtype)
+    grads = torch.autograd.grad((out, maps), (q, k, v), (d_out, d_maps))
+    grads_r = torch.autograd.grad((out_r, maps_r[start:stop]), (q, k, v), (d_out, d_maps))
+    for grad, grad_r in zip(grads, grads_r, strict=True):
+        torch.testing.assert_close(grad, grad_r, **TOLERANCES[torch.float64])
+
+
+def test_capture_rows_refuses_an_empty_or_outside_range():
+    q, k, v = make_qkv(2, 1, 4, 3, 8)
+    for start, stop in ((1, 1), (0, 3), (-1, 1)):
+        with pytest.raises(
+            RuntimeError, match=r"map rows .* must be a non-empty range of the batch's 2 rows"
+        ):
+            cpp.capture_rows(q, k, v, 0.3, None, False, start, stop)
+
+
 @pytest.mark.parametrize("head_mean", [False, True], ids=["per_head", "head_mean"])
 def test_guidance_needs_dq_only(head_mean):
     """Frozen text features: k and v get no gradient, and the loss alone drives dQ."""
@@ -199,6 +233,7 @@ def test_ops_pass_torch_library_checks():
     tokens = torch.tensor([1, 1, 4])
     ref = torch.rand(2, 2, 9, 3)
     torch.library.opcheck(torch.ops.dreamblend_cpp.capture_attention, (q, k, v, tokens, 0.3, False))
+    torch.library.opcheck(torch.ops.dreamblend_cpp.capture_attention, (q, k, v, tokens, 0.3, True, 1, 2))
     torch.library.opcheck(torch.ops.dreamblend_cpp.guided_attention, (q, k, v, ref, tokens, 0.3, False))
     # The backward op runs inside a backward pass, on inputs that carry no graph.
     q, k, v = (t.detach() for t in (q, k, v))

@@ -8,7 +8,10 @@ Three backends implement the same contract and are chosen per call:
 - ``"cpp"``: the C++ CPU extension, when it was built;
 - ``"torch"``: the reference, always available.
 
-``"auto"`` takes triton on CUDA, cpp on CPU when built, else torch.
+``"auto"`` takes triton on CUDA, cpp on CPU when built, else torch. A backend may also offer
+``capture_rows(q, k, v, scale, tokens, head_mean, start, stop)``: every row's output with maps of the
+batch rows ``[start, stop)`` only (the C++ one does); the processor uses it for classifier-free-guidance
+batches and otherwise joins a capture of those rows with plain attention on the rest.
 
 Joint (MMDiT) attention, text and image tokens in one softmax, has its own pair of ops:
 ``joint_capture_attention`` and ``joint_guided_attention`` (``dreamblend.ops.joint``).

@@ -31,6 +31,7 @@ __all__ = [
     "build",
     "build_directory",
     "capture_attention",
+    "capture_rows",
     "guided_attention",
 ]
 
@@ -147,8 +148,11 @@ def build(verbose: bool = False) -> Path:
 # ---- fake kernels --------------------------------------------------------------------
 
 
-def _map_shape(q: Tensor, k: Tensor, tokens: Tensor | None, head_mean: bool) -> tuple[int, ...]:
+def _map_shape(
+    q: Tensor, k: Tensor, tokens: Tensor | None, head_mean: bool, map_start: int = 0, map_stop: int = -1
+) -> tuple[int, ...]:
     b, h, m, _ = q.shape
+    b = (b if map_stop < 0 else map_stop) - map_start
     t = k.shape[2] if tokens is None else tokens.numel()
     return (b, m, t) if head_mean else (b, h, m, t)
 
@@ -160,9 +164,17 @@ def _rows_like(q: Tensor) -> Tensor:
 
 
 def _capture_fake(
-    q: Tensor, k: Tensor, v: Tensor, tokens: Tensor | None, scale: float, head_mean: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tokens: Tensor | None,
+    scale: float,
+    head_mean: bool,
+    map_start: int = 0,
+    map_stop: int = -1,
 ) -> tuple[Tensor, Tensor]:
-    return _rows_like(q), q.new_empty(_map_shape(q, k, tokens, head_mean), dtype=compute_dtype(q))
+    maps = q.new_empty(_map_shape(q, k, tokens, head_mean, map_start, map_stop), dtype=compute_dtype(q))
+    return _rows_like(q), maps
 
 
 def _guided_fake(
@@ -185,6 +197,8 @@ def _backward_fake(
     need_dq: bool,
     need_dk: bool,
     need_dv: bool,
+    map_start: int = 0,
+    map_stop: int = -1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     def grad(like: Tensor, needed: bool) -> Tensor:
         return like.new_empty(like.shape if needed else (0,))
@@ -204,6 +218,22 @@ def capture_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, tokens: Ten
     """``(out, maps)`` of DESIGN §2; the dispatcher's entry point for backend="cpp"."""
     _require()
     return torch.ops.dreamblend_cpp.capture_attention(q, k, v, tokens, scale, head_mean)
+
+
+def capture_rows(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    tokens: Tensor | None,
+    head_mean: bool,
+    start: int,
+    stop: int,
+) -> tuple[Tensor, Tensor]:
+    """Every row's ``out`` with maps of batch rows ``[start, stop)`` only, in one call: the conditional
+    half of a classifier-free-guidance batch, without a second attention for the rest and a join."""
+    _require()
+    return torch.ops.dreamblend_cpp.capture_attention(q, k, v, tokens, scale, head_mean, start, stop)
 
 
 def guided_attention(

@@ -164,15 +164,9 @@ def _rows_like(q: Tensor) -> Tensor:
 
 
 def _capture_fake(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    tokens: Tensor | None,
-    scale: float,
-    head_mean: bool,
-    map_start: int = 0,
-    map_stop: int = -1,
-) -> tuple[Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, tokens: Tensor | None, scale: float, head_mean: bool,
+    map_start: int = 0, map_stop: int = -1,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     maps = q.new_empty(_map_shape(q, k, tokens, head_mean, map_start, map_stop), dtype=compute_dtype(q))
     return _rows_like(q), maps
 

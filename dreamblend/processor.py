@@ -109,7 +109,8 @@ class DreamBlendProcessor:
         return attn.to_out[1](attn.to_out[0](hidden_states))
 
     def _attend(self, attn: nn.Module, plan: LayerPlan, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """The captured/guided attention core; rows outside ``plan.rows`` run plain SDPA."""
+        """The captured/guided attention core; rows outside ``plan.rows`` get no maps (plain SDPA, or the
+        backend's own ``capture_rows`` over the whole batch when it has one)."""
         store = self.store
         start, stop = plan_rows(plan, q.shape[0])
         # The store validated and cached the token indices on this device: straight to the backend, so

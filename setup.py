@@ -13,5 +13,5 @@ from setuptools import find_namespace_packages, setup
 setup(
     packages=[*find_namespace_packages(include=["dreamblend", "dreamblend.*"]), "dreamblend.csrc"],
     package_dir={"dreamblend.csrc": "csrc"},
-    package_data={"dreamblend.csrc": ["*.cpp"], "dreamblend.toyworld": ["weights/**/*"]},
+    package_data={"dreamblend.csrc": ["*.cpp", "*.h"], "dreamblend.toyworld": ["weights/**/*"]},
 )

@@ -210,6 +210,64 @@ def test_bitwise_deterministic_across_runs_and_close_across_thread_counts():
         torch.testing.assert_close(a, b, **TOLERANCES[torch.float32])
 
 
+@pytest.fixture(params=["portable", "avx2", "avx512"])
+def simd(request):
+    """Each instruction set of the float row kernels that this CPU runs; the others are skipped, as a
+    CPU without them would never pick them (every x86-64 CPU runs the portable one)."""
+    if request.param not in cpp.simd_levels():
+        pytest.skip(f"this CPU lacks {request.param}")
+    previous = cpp.simd_level(request.param)
+    yield request.param
+    cpp.simd_level(previous)
+
+
+# float32 against float64: the rows sum at most 300 float32 terms of size <= 1 (error <= 300 * 2^-24
+# relative, ~2e-5, in the worst ordering; random signs keep it far smaller) and the polynomial exp is
+# within 2 ulp; the gradients add one more such sum.
+F32_VS_F64 = dict(rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("tokens", [None, [0, 38, 38, 76]], ids=["all_tokens", "subset"])
+@pytest.mark.parametrize("op", ["capture", "guided"])
+def test_every_simd_level_matches_float64(simd, op, tokens):
+    """The softmax, L1 and softmax-backward row kernels of each instruction set, through both ops and
+    both map paths (all tokens: fused into the probability rows; a subset: a separate map tile), with
+    M = 300 and N = 77 so that rows end in a partial vector."""
+    q, k, v = make_qkv(2, 3, 300, 77, 40)
+    ref = reference_map_with_margin(q, k, v, tokens, False) if op == "guided" else None
+    out64, second64, grads64 = run_op(op, "torch", q, k, v, ref, tokens, False, "both")
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref32 = None if ref is None else ref.float()
+    out, second, grads = run_op(op, "cpp", q32, k32, v32, ref32, tokens, False, "both")
+    torch.testing.assert_close(out.double(), out64, **F32_VS_F64)
+    torch.testing.assert_close(second.double(), second64, **F32_VS_F64)
+    for grad, grad64 in zip(grads, grads64, strict=True):
+        torch.testing.assert_close(grad.double(), grad64, **F32_VS_F64)
+
+
+def test_softmax_rows_underflow_to_zero_and_stay_normalized(simd):
+    """Scores 1e4 apart: exp of the low ones is below float32's normal range and must come out 0
+    (not garbage from the 2^n bit trick), while every row still sums to 1."""
+    q, k, v = make_qkv(1, 2, 37, 77, 16, dtype=torch.float32)
+    with torch.no_grad():
+        _, maps = ops.capture_attention(q * 300, k, v, backend="cpp")
+        _, expected = ops.capture_attention(q.double() * 300, k.double(), v.double(), backend="torch")
+    assert torch.isfinite(maps).all() and (maps >= 0).all()
+    torch.testing.assert_close(maps.sum(-1), torch.ones_like(maps.sum(-1)), rtol=0, atol=1e-6)
+    # Scores of a few hundred carry float32 rounding of ~|score| 2^-24 ~ 3e-5, which exp turns
+    # into that relative error in P.
+    torch.testing.assert_close(maps.double(), expected, rtol=2e-4, atol=1e-6)
+    assert (expected < 1e-38).any() and (maps[expected < 1e-38] == 0).all()
+
+
+def test_simd_level_refuses_unknown_and_unsupported_levels():
+    with pytest.raises(ValueError, match="unknown SIMD level"):
+        cpp.simd_level("sse9")
+    if "avx512" not in cpp.simd_levels():
+        with pytest.raises(RuntimeError, match="runs SIMD levels up to"):
+            cpp.simd_level("avx512")
+
+
 def test_backward_keeps_no_probabilities_alive():
     b, h, m, n, d = 2, 4, 512, 64, 8
     q, k, v = make_qkv(b, h, m, n, d, dtype=torch.float32)

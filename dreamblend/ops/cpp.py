@@ -31,10 +31,13 @@ __all__ = [
     "capture_attention",
     "capture_rows",
     "guided_attention",
+    "simd_level",
+    "simd_levels",
 ]
 
 _NAME = "dreamblend_cpp"
 _SOURCES = ("attention_ops.cpp",)
+_HEADERS = ("row_kernels.h",)  # included by the sources: part of the build key and the package
 # Baseline target, no -march=native: measured on an AVX-512 Xeon (1 thread, guided fwd + dQ bwd at
 # SD1.5's 4096- and 1024-query layers and a toy layer), a native build was within +-4 % of this one.
 _CFLAGS = ("-O3",)
@@ -48,7 +51,7 @@ def _source_dir() -> Path | None:
     """``csrc/`` of a source checkout (editable install), or the copy a wheel ships in the package."""
     here = Path(__file__).resolve()
     for candidate in (here.parents[2] / "csrc", here.parents[1] / "csrc"):
-        if all((candidate / name).is_file() for name in _SOURCES):
+        if all((candidate / name).is_file() for name in _SOURCES + _HEADERS):
             return candidate
     return None
 
@@ -69,7 +72,7 @@ def build_directory() -> Path:
             f"the C++ sources {_SOURCES} are not installed next to dreamblend (expected in csrc/)"
         )
     digest = hashlib.sha256(" ".join(_CFLAGS + _OPENMP).encode())
-    for name in _SOURCES:
+    for name in _SOURCES + _HEADERS:
         digest.update((src / name).read_bytes())
     return _cache_root() / digest.hexdigest()[:16]
 
@@ -232,6 +235,25 @@ def guided_attention(
     """``(out, loss)`` of DESIGN §2 with the per-sample L1 loss against ``ref``."""
     _require()
     return torch.ops.dreamblend_cpp.guided_attention(q, k, v, ref, tokens, scale, head_mean)
+
+
+SIMD_LEVELS = ("portable", "avx2", "avx512")
+
+
+def simd_levels() -> tuple[str, ...]:
+    """The instruction sets this CPU runs the float row kernels (softmax, L1, softmax backward) in."""
+    _require()
+    return SIMD_LEVELS[: torch.ops.dreamblend_cpp.simd_detected() + 1]
+
+
+def simd_level(level: str | None = None) -> str:
+    """The row kernels' instruction set (the widest the CPU has by default); with ``level``, switch to
+    it and return the previous one: tests run every set the CPU has, as other CPUs would."""
+    _require()
+    if level is not None and level not in SIMD_LEVELS:
+        raise ValueError(f"unknown SIMD level {level!r}; choose one of {SIMD_LEVELS}")
+    code = -1 if level is None else SIMD_LEVELS.index(level)
+    return SIMD_LEVELS[torch.ops.dreamblend_cpp.simd_level(code)]
 
 
 AVAILABLE = False

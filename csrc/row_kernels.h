@@ -1,0 +1,94 @@
+// Row kernels over a tile's (rows, n) float rows: softmax, the L1 distance to a reference and the
+// softmax backward. Included once per instruction set by attention_ops.cpp (no include guard), inside a
+// namespace that first defines the vector primitives:
+//   V, W (lanes), Tail (a mask for the last n % W lanes), tail_of(t), set1, load, store,
+//   load_tail(p, tail, fill) (fill in the masked-off lanes), store_tail, add, sub, mul, fmadd (a b + c),
+//   max, absolute, step (w where a > 0, -w where a < 0, else 0), round_even, pow2 (2^n for integral
+//   n in [-126, 127]), select_ge (a where x >= cut, else 0), hsum and hmax.
+// The exp is Cephes' expf for x <= 0 (2^n exp(f), |f| <= ln2 / 2, degree 6, within 2 ulp), 0 below
+// -87.3 where expf is subnormal; libm's expf differs from it in the last bit or two.
+
+inline V exp_nonpositive(V x) {
+  const V n = round_even(mul(x, set1(1.44269504088896341f)));
+  V f = fmadd(n, set1(-0.693359375f), x);  // x - n ln2 in two parts (Cody-Waite)
+  f = fmadd(n, set1(2.12194440e-4f), f);
+  V p = set1(1.9875691500e-4f);
+  p = fmadd(p, f, set1(1.3981999507e-3f));
+  p = fmadd(p, f, set1(8.3334519073e-3f));
+  p = fmadd(p, f, set1(4.1665795894e-2f));
+  p = fmadd(p, f, set1(1.6666665459e-1f));
+  p = fmadd(p, f, set1(5.0000001201e-1f));
+  p = fmadd(mul(p, f), f, add(f, set1(1.0f)));
+  return select_ge(x, -87.3f, mul(p, pow2(max(n, set1(-126.0f)))));
+}
+
+// Row-wise softmax. The tail vector stays in a register between passes: a masked store read back by a
+// masked load misses store forwarding.
+void softmax_rows(const float* scores, float* probs, int64_t rows, int64_t n) {
+  const int64_t body = n - n % W;
+  const Tail tail = tail_of(n % W);
+  const float lowest = -INFINITY;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = scores + r * n;
+    float* y = probs + r * n;
+    const V x_tail = load_tail(x + body, tail, lowest);
+    V top = x_tail;
+    for (int64_t c = 0; c < body; c += W) top = max(top, load(x + c));
+    const V shift = set1(hmax(top));
+    const V e_tail = exp_nonpositive(sub(x_tail, shift));  // 0 in masked-off lanes
+    V sum = e_tail;
+    for (int64_t c = 0; c < body; c += W) {
+      const V e = exp_nonpositive(sub(load(x + c), shift));
+      store(y + c, e);
+      sum = add(sum, e);
+    }
+    const V inv = set1(1.0f / hsum(sum));
+    for (int64_t c = 0; c < body; c += W) store(y + c, mul(load(y + c), inv));
+    store_tail(y + body, tail, mul(e_tail, inv));
+  }
+}
+
+// sum over rows of sum_c |a - b|: each row sums in vector lanes, rows add up in double (one long float
+// sum would drift).
+double l1_rows(const float* a, const float* b, int64_t rows, int64_t n) {
+  const int64_t body = n - n % W;
+  const Tail tail = tail_of(n % W);
+  double total = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = a + r * n;
+    const float* y = b + r * n;
+    V acc = absolute(sub(load_tail(x + body, tail, 0.0f), load_tail(y + body, tail, 0.0f)));
+    for (int64_t c = 0; c < body; c += W) acc = add(acc, absolute(sub(load(x + c), load(y + c))));
+    total += hsum(acc);
+  }
+  return total;
+}
+
+// Softmax backward in place: dP += w sign(P - ref) first when ref is given (the L1 loss's gradient,
+// fused guided case), then Delta = rowsum(P dP) and dS = P (dP - Delta).
+void softmax_grad_rows(const float* probs, float* d_probs, const float* ref, float w, int64_t rows, int64_t n) {
+  const int64_t body = n - n % W;
+  const Tail tail = tail_of(n % W);
+  const V weight = set1(w);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* p = probs + r * n;
+    float* d = d_probs + r * n;
+    const float* e = ref ? ref + r * n : nullptr;
+    const V p_tail = load_tail(p + body, tail, 0.0f);
+    V d_tail = load_tail(d + body, tail, 0.0f);
+    if (e) d_tail = add(d_tail, step(sub(p_tail, load_tail(e + body, tail, 0.0f)), weight));
+    V delta = mul(p_tail, d_tail);
+    for (int64_t c = 0; c < body; c += W) {
+      const V pc = load(p + c);
+      V dc = load(d + c);
+      if (e) {
+        dc = add(dc, step(sub(pc, load(e + c)), weight));
+        store(d + c, dc);
+      }
+      delta = fmadd(pc, dc, delta);
+    }
+    const V shift = set1(hsum(delta));
+    for (int64_t c = 0; c < body; c += W) store(d + c, mul(load(p + c), sub(load(d + c), shift)));
+    store_tail(d + body, tail, mul(p_tail, sub(d_tail, shift)));
+  }
+}

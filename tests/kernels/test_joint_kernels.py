@@ -15,7 +15,7 @@ from kernel_cases import LOSS_TOL, assert_close
 from dreamblend import ops
 from dreamblend.kernels import backend as kernels
 from dreamblend.kernels import joint_attention
-from dreamblend.ops import joint_reference
+from dreamblend.ops import cpp, joint_reference
 
 F32, F16 = torch.float32, torch.float16
 
@@ -178,7 +178,8 @@ def test_dispatcher_routes_joint_ops(device: torch.device) -> None:
     out_ref, maps_ref = ops.joint_capture_attention(q.double(), k.double(), v.double(), backend="torch", **kw)
     assert_close(out, out_ref, F32, "out")
     assert_close(maps, maps_ref, F32, "maps")
-    auto = "triton" if device.type == "cuda" else "torch"
+    # What "auto" picks: triton on CUDA; on CPU the C++ backend where it is built, else the reference.
+    auto = "triton" if device.type == "cuda" else ("cpp" if cpp.AVAILABLE else "torch")
     _, maps_auto = ops.joint_capture_attention(q, k, v, **kw)
     _, maps_expected = ops.joint_capture_attention(q, k, v, backend=auto, **kw)
     assert torch.equal(maps_auto, maps_expected)

@@ -12,8 +12,10 @@ Implementations: ``cpp`` (the C++ ops, what ``backend="auto"`` runs on CPU), ``t
 reference backend: custom autograd Functions that recompute P in the backward), ``compiled``
 (the reference's math, ``softmax(scale q k^T)``, ``P V`` and the L1 loss, under
 ``torch.compile``, inductor, CPU), ``eager`` (the same math uncompiled: autograd keeps P, as
-pix2pix-zero does), ``sdpa_recompute`` (SDPA output plus ``softmax(q k^T)`` recomputed for the maps)
-and ``sdpa`` (attention with no maps: the floor).
+pix2pix-zero does), ``sdpa_recompute`` (SDPA output plus ``softmax(q k^T)`` recomputed for the maps),
+``sdpa`` (attention with no maps: the floor) and ``gemms`` (no attention at all: the matrix products
+of a recomputing implementation alone, two for capture and five for guided, in the reference's
+batched form; a bound on what any implementation built on them can reach).
 
 Time: median of ``--repeats`` perf_counter-timed calls after ``--warmup`` (compilation included in
 the warmup). Memory: the peak resident memory a call adds above what was resident before it,
@@ -52,7 +54,7 @@ LAYERS = {  # (M, heads, head dim) of each cross-attention resolution
     "sd15": [(4096, 8, 40), (1024, 8, 80), (256, 8, 160)],
     "sdxl": [(4096, 10, 64), (1024, 20, 64)],
 }
-IMPLS = ("cpp", "torch", "compiled", "eager", "sdpa_recompute", "sdpa")
+IMPLS = ("cpp", "torch", "compiled", "eager", "sdpa_recompute", "sdpa", "gemms")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _MEMORY_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
@@ -92,6 +94,16 @@ def implementations(kind: str, scale: float) -> dict[str, Callable]:
 
         return forward
 
+    def gemms(q, k, v, ref, d_out):  # ``ref``, a (B, H, M, N) probability tensor, stands in for P and dS
+        p = ref.to(q.dtype)
+        torch.matmul(q, k.transpose(-1, -2))  # scores
+        out = torch.matmul(p, v)
+        if kind == "capture":
+            return out, None
+        torch.matmul(d_out, v.transpose(-1, -2))  # dP
+        torch.matmul(q, k.transpose(-1, -2))  # the backward's recompute
+        return torch.matmul(p, k)  # dQ
+
     if kind == "capture":
         return {
             "cpp": lambda q, k, v, ref, d_out: cpp.capture_attention(q, k, v, scale, None, False),
@@ -103,6 +115,7 @@ def implementations(kind: str, scale: float) -> dict[str, Callable]:
                 _probs(q, k, scale),
             ),
             "sdpa": lambda q, k, v, ref, d_out: (F.scaled_dot_product_attention(q, k, v), None),
+            "gemms": gemms,
         }
 
     def math_and_loss(q, k, v, ref):
@@ -123,6 +136,7 @@ def implementations(kind: str, scale: float) -> dict[str, Callable]:
         "eager": guided_via(math_and_loss),
         "sdpa_recompute": guided_via(with_maps(F.scaled_dot_product_attention)),
         "sdpa": sdpa_only,
+        "gemms": gemms,
     }
 
 

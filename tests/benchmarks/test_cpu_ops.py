@@ -10,7 +10,7 @@ from benchmarks import bench_cpu_ops
 from dreamblend.ops import available_backends
 
 pytestmark = pytest.mark.skipif("cpp" not in available_backends(), reason="the C++ extension is not built")
-UNCOMPILED = [name for name in bench_cpu_ops.IMPLS if name != "compiled"]
+UNCOMPILED = [name for name in bench_cpu_ops.IMPLS if name not in ("compiled", "gemms")]
 
 
 def test_implementations_agree() -> None:
@@ -27,6 +27,14 @@ def test_implementations_agree() -> None:
             torch.testing.assert_close(got_maps, maps, msg=name)
     for name in ("cpp", "eager", "sdpa_recompute"):  # sdpa alone has no map loss
         torch.testing.assert_close(guided[name](q, k, v, ref, d_out), dq, msg=name)
+
+
+def test_gemm_bound_returns_what_the_pass_returns() -> None:
+    """``gemms`` is no attention (it is not compared above) but hands back tensors of the pass's shapes."""
+    q, k, v, ref, d_out = bench_cpu_ops.make_problem(96, 3, 16, batch=2, dtype=torch.float32)
+    out, maps = bench_cpu_ops.implementations("capture", 0.25)["gemms"](q, k, v, ref, d_out)
+    assert out.shape == q.shape and maps is None
+    assert bench_cpu_ops.implementations("guided", 0.25)["gemms"](q, k, v, ref, d_out).shape == q.shape
 
 
 def test_peak_bytes_measures_a_call() -> None:

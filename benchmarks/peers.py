@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from dreamblend import AttentionStore, DreamBlendProcessor
 from dreamblend.ops import resolve_backend
 from dreamblend.ops.reference import l1_map_loss
-from dreamblend.store import is_attention, is_cross_attention
+from dreamblend.store import AllLayersScored, is_attention, is_cross_attention
 
 __all__ = ["PEERS", "Capture", "HookedMaps", "Peer", "attached"]
 
@@ -64,6 +64,10 @@ class HookedMaps:
         self.losses, self._ref = {}, ref_maps
         with self._active("guide", rows):
             yield self
+
+    def run_for_loss(self, model: Callable[..., object], *args: object, **kwargs: object) -> None:
+        """The whole model call, output and all: published guidance code runs the full forward."""
+        model(*args, **kwargs)
 
     def close(self) -> None:
         """Remove every hook (the processors are reset by :func:`attached`)."""
@@ -122,17 +126,21 @@ class HookedMaps:
 
 class NoMaps:
     """The compute floor of a guided step: no map is captured, and the "loss" is a zero-weighted sum of
-    every cross-attention layer's output, so E's conditional forward and its input-gradient backward
-    run through the same layers (SDPA everywhere) with no map, softmax recompute or L1 work at all."""
+    every cross-attention layer's output, so E's conditional forward (as far as the last cross-attention
+    layer, as ours runs it) and its input-gradient backward run through the same layers (SDPA
+    everywhere) with no map, softmax recompute or L1 work at all."""
 
     def __init__(self, unets: Sequence[nn.Module]) -> None:
         self.maps: dict[str, Tensor] = {}
         self.losses: dict[str, Tensor] = {}
         self.mode = "off"
+        self._stop_early = False
+        self._names: set[str] = set()
         self._undo: list[Callable[[], object]] = []
         for unet in unets:
             for name, module in unet.named_modules():
                 if is_attention(module) and is_cross_attention(module):
+                    self._names.add(name)
                     self._undo.append(module.register_forward_hook(partial(self._on_output, name)).remove)
 
     @property
@@ -152,6 +160,16 @@ class NoMaps:
         finally:
             self.mode = "off"
 
+    def run_for_loss(self, model: Callable[..., object], *args: object, **kwargs: object) -> None:
+        """The model call up to the last cross-attention layer, as :meth:`AttentionStore.run_for_loss`."""
+        self._stop_early = True
+        try:
+            model(*args, **kwargs)
+        except AllLayersScored:
+            pass
+        finally:
+            self._stop_early = False
+
     def close(self) -> None:
         while self._undo:
             self._undo.pop()()
@@ -159,6 +177,8 @@ class NoMaps:
     def _on_output(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
         if self.mode == "guide":
             self.losses[name] = output.flatten(1).sum(dim=1) * 0.0
+            if self._stop_early and len(self.losses) == len(self._names):
+                raise AllLayersScored
 
 
 Capture = AttentionStore | HookedMaps | NoMaps

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -62,6 +62,11 @@ def takes_text(module: nn.Module) -> bool:
     return is_cross_attention(module) or is_joint_attention(module)
 
 
+class AllLayersScored(Exception):  # noqa: N818 - a signal, not an error
+    """Ends a model call from inside once every reference layer has its loss
+    (:meth:`AttentionStore.run_for_loss`, which catches it; nothing else sees it)."""
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """What the processor does in one cross-attention layer for one call."""
@@ -92,6 +97,8 @@ class AttentionStore:
     Use ``with store.record(): unet(...)`` to fill :attr:`maps`, and
     ``with store.guide(ref_maps): unet(...)`` to make :attr:`loss` a differentiable ``(B,)``
     tensor. With gradient checkpointing on, run the backward inside the same context.
+    Inside ``guide``, ``store.run_for_loss(unet, ...)`` calls the model only as far as the last
+    reference layer: for a pass whose output is not needed, as Algorithm 1's guided pass.
     """
 
     def __init__(
@@ -126,6 +133,7 @@ class AttentionStore:
         self.losses: dict[str, Tensor] = {}
         self.mode = "off"
         self._ref: Mapping[str, Tensor] | None = None
+        self._stop_early = False
         self._rows: slice | None = None
         self._names: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
         self._bound_roots: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -267,6 +275,22 @@ class AttentionStore:
             self._ref = None
         self._check_selection(self.losses)
 
+    def run_for_loss(self, model: Callable[..., object], *args: object, **kwargs: object) -> None:
+        """``model(*args, **kwargs)`` inside :meth:`guide`, ended as soon as every reference layer has
+        its loss: the layers after the last one feed nothing the loss uses, so they are skipped (the
+        call's output is never made). The DreamBlend samplers' guided pass runs E this way."""
+        if self.mode != "guide":
+            raise RuntimeError(
+                "run_for_loss() scores against reference maps: call it inside `with store.guide(ref):`"
+            )
+        self._stop_early = True
+        try:
+            model(*args, **kwargs)
+        except AllLayersScored:
+            pass
+        finally:
+            self._stop_early = False
+
     @contextmanager
     def _active(self, mode: str, rows: slice | None) -> Iterator[None]:
         if self.mode != "off":
@@ -353,6 +377,8 @@ class AttentionStore:
         if not plan.write:
             return
         (self.maps if plan.mode == "record" else self.losses)[plan.name] = value
+        if self._stop_early and plan.mode == "guide" and len(self.losses) == len(self._ref or ()):
+            raise AllLayersScored
 
     def _tokens_for(self, num_keys: int, device: torch.device) -> Tensor | None:
         key = (num_keys, device)

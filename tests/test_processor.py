@@ -219,6 +219,56 @@ def test_latent_gradient_equals_fp64_eager_autograd(unet):
     torch.testing.assert_close(grad, grad_e, rtol=1e-8, atol=1e-10)
 
 
+def count_calls(module):
+    calls = []
+    module.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_run_for_loss_ends_the_forward_after_the_last_reference_layer(unet, checkpointing):
+    """Same loss and bitwise the same latent gradient as the whole forward, while the layers after the
+    last cross-attention layer (here the output convolution) never run; with gradient checkpointing
+    too, whose backward re-runs the cut-short block."""
+    x, t, c, kw = unet_inputs(unet)
+    ref = perturbed_ref(unet, x, t, c, kw)
+    loss, grad = guided_latent_grad(unet, x, t, c, kw, ref, AttentionStore())
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+        unet.train()
+    conv_out = count_calls(unet.conv_out)
+    store = AttentionStore()
+    with attach(unet, store), store.guide(ref):
+        xg = x.clone().requires_grad_()
+        assert store.run_for_loss(unet, xg, t, c, **kw) is None
+        assert list(store.losses) == list(ref) and set(ref) == set(cross_layers(unet))
+        (short_grad,) = torch.autograd.grad(store.loss.sum(), xg)
+    assert conv_out == []
+    torch.testing.assert_close(store.loss.detach(), loss, rtol=0, atol=0)
+    if checkpointing:  # the recomputed blocks round differently
+        torch.testing.assert_close(short_grad, grad, rtol=1e-5, atol=1e-7)
+    else:
+        assert torch.equal(short_grad, grad)
+
+
+def test_run_for_loss_runs_the_whole_forward_when_a_reference_layer_never_comes(unet):
+    x, t, c, kw = unet_inputs(unet)
+    ref = perturbed_ref(unet, x, t, c, kw)
+    extra = {**ref, "not.a.layer": next(iter(ref.values()))}
+    conv_out = count_calls(unet.conv_out)
+    store = AttentionStore()
+    with attach(unet, store), store.guide(extra):
+        store.run_for_loss(unet, x, t, c, **kw)
+    assert conv_out == [1] and list(store.losses) == list(ref)
+
+
+def test_run_for_loss_needs_guide_mode(unet):
+    x, t, c, kw = unet_inputs(unet)
+    store = AttentionStore()
+    with attach(unet, store), pytest.raises(RuntimeError, match="inside `with store.guide"):
+        store.run_for_loss(unet, x, t, c, **kw)
+
+
 def test_token_indices_are_checked_once_per_store_not_per_layer(monkeypatch):
     """Per-layer validation of device token indices would read them back: one host sync per layer on CUDA."""
     import dreamblend.ops

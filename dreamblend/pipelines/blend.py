@@ -539,7 +539,10 @@ class DreamBlendSampler:
             x = latents.detach().to(torch.float32).requires_grad_(True)
             model_input = self.edit_scheduler.scale_model_input(x, t).to(dtype)
             with self.store.guide(ref):
-                unet(model_input, t, encoder_hidden_states=embeds, **kwargs, return_dict=False)
+                # Only the loss is used: E's forward ends after the last guided layer.
+                self.store.run_for_loss(
+                    unet, model_input, t, encoder_hidden_states=embeds, **kwargs, return_dict=False
+                )
                 losses = self.store.loss
                 (grad,) = torch.autograd.grad(losses.sum(), x)
         update = self.alpha * grad

@@ -202,6 +202,15 @@ def test_guidance_steps_select_the_guided_steps(monkeypatch):
         pipe(PROMPT, guidance_steps=["all"], **kwargs)
 
 
+def test_guided_pass_of_e_stops_after_its_last_cross_attention_layer():
+    """E's output convolution runs once per step (its CFG pass), not in the guided pass too."""
+    pipe = blend_pipe()
+    calls = []
+    pipe.unet.conv_out.register_forward_hook(lambda *args: calls.append(1))
+    pipe(PROMPT, generator=gen(), **sd_kwargs(cross_attention_guidance_scale=1.0))
+    assert len(calls) == STEPS
+
+
 def test_layers_tokens_and_head_mean_reach_the_guidance():
     pipe = blend_pipe()
     kwargs = sd_kwargs(cross_attention_guidance_scale=1.0)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from dreamblend import AttentionStore, DreamBlendProcessor
 from dreamblend.ops import resolve_backend
 from dreamblend.ops.reference import l1_map_loss
-from dreamblend.store import AllLayersScored, is_attention, is_cross_attention
+from dreamblend.store import AllLayersScored, EndsAtLastLayer, is_attention, is_cross_attention
 
 __all__ = ["PEERS", "Capture", "HookedMaps", "Peer", "attached"]
 
@@ -124,7 +124,7 @@ class HookedMaps:
             self._undo.append(linear.register_forward_hook(hook).remove)
 
 
-class NoMaps:
+class NoMaps(EndsAtLastLayer):
     """The compute floor of a guided step: no map is captured, and the "loss" is a zero-weighted sum of
     every cross-attention layer's output, so E's conditional forward (as far as the last cross-attention
     layer, as ours runs it) and its input-gradient backward run through the same layers (SDPA
@@ -134,7 +134,6 @@ class NoMaps:
         self.maps: dict[str, Tensor] = {}
         self.losses: dict[str, Tensor] = {}
         self.mode = "off"
-        self._stop_early = False
         self._names: set[str] = set()
         self._undo: list[Callable[[], object]] = []
         for unet in unets:
@@ -159,16 +158,6 @@ class NoMaps:
             yield self
         finally:
             self.mode = "off"
-
-    def run_for_loss(self, model: Callable[..., object], *args: object, **kwargs: object) -> None:
-        """The model call up to the last cross-attention layer, as :meth:`AttentionStore.run_for_loss`."""
-        self._stop_early = True
-        try:
-            model(*args, **kwargs)
-        except AllLayersScored:
-            pass
-        finally:
-            self._stop_early = False
 
     def close(self) -> None:
         while self._undo:

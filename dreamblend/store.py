@@ -67,6 +67,30 @@ class AllLayersScored(Exception):  # noqa: N818 - a signal, not an error
     (:meth:`AttentionStore.run_for_loss`, which catches it; nothing else sees it)."""
 
 
+class EndsAtLastLayer:
+    """:meth:`run_for_loss` for a capture in guide mode that raises :class:`AllLayersScored` once
+    every layer it scores has its loss (when ``_stop_early`` is set)."""
+
+    mode: str
+    _stop_early: bool = False
+
+    def run_for_loss(self, model: Callable[..., object], *args: object, **kwargs: object) -> None:
+        """``model(*args, **kwargs)`` inside ``guide``, ended as soon as every reference layer has its
+        loss: the layers after the last one feed nothing the loss uses, so they are skipped (the
+        call's output is never made). The DreamBlend samplers' guided pass runs E this way."""
+        if self.mode != "guide":
+            raise RuntimeError(
+                "run_for_loss() scores against reference maps: call it inside `with store.guide(ref):`"
+            )
+        self._stop_early = True
+        try:
+            model(*args, **kwargs)
+        except AllLayersScored:
+            pass
+        finally:
+            self._stop_early = False
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """What the processor does in one cross-attention layer for one call."""
@@ -79,7 +103,7 @@ class LayerPlan:
     write: bool  # False while a checkpointed forward is recomputed in the backward
 
 
-class AttentionStore:
+class AttentionStore(EndsAtLastLayer):
     """Selects cross-attention layers/tokens and holds captured maps or guidance losses.
 
     Args:
@@ -133,7 +157,6 @@ class AttentionStore:
         self.losses: dict[str, Tensor] = {}
         self.mode = "off"
         self._ref: Mapping[str, Tensor] | None = None
-        self._stop_early = False
         self._rows: slice | None = None
         self._names: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
         self._bound_roots: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -274,22 +297,6 @@ class AttentionStore:
         finally:
             self._ref = None
         self._check_selection(self.losses)
-
-    def run_for_loss(self, model: Callable[..., object], *args: object, **kwargs: object) -> None:
-        """``model(*args, **kwargs)`` inside :meth:`guide`, ended as soon as every reference layer has
-        its loss: the layers after the last one feed nothing the loss uses, so they are skipped (the
-        call's output is never made). The DreamBlend samplers' guided pass runs E this way."""
-        if self.mode != "guide":
-            raise RuntimeError(
-                "run_for_loss() scores against reference maps: call it inside `with store.guide(ref):`"
-            )
-        self._stop_early = True
-        try:
-            model(*args, **kwargs)
-        except AllLayersScored:
-            pass
-        finally:
-            self._stop_early = False
 
     @contextmanager
     def _active(self, mode: str, rows: slice | None) -> Iterator[None]:

@@ -282,22 +282,24 @@ int64_t simd_level(int64_t level) {
   return level < 0 ? simd_setting().load() : simd_setting().exchange(level);
 }
 
-// The active level's kernel `name` called with the arguments that follow.
+// The active level's kernel `name` on the arguments that follow (a void call returns void).
 #ifdef DREAMBLEND_X86_SIMD
-#define DREAMBLEND_ROWS(name, ...)                                        \
-  (simd_setting().load(std::memory_order_relaxed) == kAvx512 ? avx512::name(__VA_ARGS__) \
-   : simd_setting().load(std::memory_order_relaxed) == kAvx2 ? avx2::name(__VA_ARGS__)   \
-                                                              : portable::name(__VA_ARGS__))
+#define DREAMBLEND_ROWS(name, ...)                                 \
+  switch (simd_setting().load(std::memory_order_relaxed)) {        \
+    case kAvx512: return avx512::name(__VA_ARGS__);                \
+    case kAvx2: return avx2::name(__VA_ARGS__);                    \
+    default: return portable::name(__VA_ARGS__);                   \
+  }
 #else
-#define DREAMBLEND_ROWS(name, ...) portable::name(__VA_ARGS__)
+#define DREAMBLEND_ROWS(name, ...) return portable::name(__VA_ARGS__);
 #endif
 
 void softmax_rows(const float* scores, float* probs, int64_t rows, int64_t n) {
-  DREAMBLEND_ROWS(softmax_rows, scores, probs, rows, n);
+  DREAMBLEND_ROWS(softmax_rows, scores, probs, rows, n)
 }
-double l1_rows(const float* a, const float* b, int64_t rows, int64_t n) { return DREAMBLEND_ROWS(l1_rows, a, b, rows, n); }
+double l1_rows(const float* a, const float* b, int64_t rows, int64_t n) { DREAMBLEND_ROWS(l1_rows, a, b, rows, n) }
 void softmax_grad_rows(const float* probs, float* d_probs, const float* ref, float w, int64_t rows, int64_t n) {
-  DREAMBLEND_ROWS(softmax_grad_rows, probs, d_probs, ref, w, rows, n);
+  DREAMBLEND_ROWS(softmax_grad_rows, probs, d_probs, ref, w, rows, n)
 }
 
 // float64 (the reference-precision path) keeps libm's exp.

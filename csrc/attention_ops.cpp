@@ -14,6 +14,10 @@
 // The common case (per-head maps of every token) fuses the map, loss and map-gradient work into the
 // probability rows instead of going through a separate (rows, T) map tile.
 //
+// The matrix products run through ATen's GEMMs in the compute dtype (float32 for half inputs), except
+// for bfloat16 inputs on CPUs with AMX, which multiply bf16 operands in place with float32 accumulation
+// (AmxProducts); softmax, maps, loss and the softmax backward are float32 on every path.
+//
 // Capture can keep maps for a range of batch rows only while computing every row's output: the
 // conditional half of a classifier-free-guidance batch, in one call instead of a second attention
 // for the unconditional half and a copy joining the two.
@@ -31,6 +35,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -41,6 +46,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
@@ -113,21 +119,16 @@ Strided<T> strided(const at::Tensor& t) {
   return {const_cast<T*>(t.const_data_ptr<T>()), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// The op inputs in the compute dtype (D contiguous, other strides as given), with the token
-// columns as int64 indices. `fused`: per-head maps of all N tokens in order, so a map row is a
-// probability row and the map work runs on the probabilities directly.
+// What the tile loops need besides the operands: the shape, the softmax scale and the map's token columns
+// as int64 indices. `fused`: per-head maps of all N tokens in order, so a map row is a probability row
+// and the map work runs on the probabilities directly.
 template <typename T>
-struct Inputs {
+struct Problem {
+  using Scalar = T;  // the compute dtype: probabilities, maps, loss
   Shape s;
   T scale;
   const int64_t* tokens;
   bool fused;
-  Strided<T> q, k, v;
-
-  // (rows, D) rows of q from row r, and the (N, D) keys/values of one head.
-  at::Tensor q_rows(int64_t b, int64_t h, int64_t r, int64_t rows) const { return mat(q.at(b, h, r), rows, s.D, q.sr); }
-  at::Tensor keys(int64_t b, int64_t h) const { return mat(k.at(b, h, 0), s.N, s.D, k.sr); }
-  at::Tensor values(int64_t b, int64_t h) const { return mat(v.at(b, h, 0), s.N, s.D, v.sr); }
 };
 
 // Row kernels (csrc/row_kernels.h) for float tiles, in place of ATen's softmax and of loops the
@@ -147,6 +148,7 @@ inline V load(const float* p) { return *p; }
 inline void store(float* p, V x) { *p = x; }
 inline V load_tail(const float*, Tail, float fill) { return fill; }
 inline void store_tail(float*, Tail, V) {}
+inline V where_tail(Tail, V, float fill) { return fill; }
 inline V add(V a, V b) { return a + b; }
 inline V sub(V a, V b) { return a - b; }
 inline V mul(V a, V b) { return a * b; }
@@ -181,6 +183,7 @@ inline V load(const float* p) { return _mm512_loadu_ps(p); }
 inline void store(float* p, V x) { _mm512_storeu_ps(p, x); }
 inline V load_tail(const float* p, Tail t, float fill) { return _mm512_mask_loadu_ps(set1(fill), t, p); }
 inline void store_tail(float* p, Tail t, V x) { _mm512_mask_storeu_ps(p, t, x); }
+inline V where_tail(Tail t, V a, float fill) { return _mm512_mask_blend_ps(t, set1(fill), a); }
 inline V add(V a, V b) { return _mm512_add_ps(a, b); }
 inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
 inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
@@ -226,6 +229,7 @@ inline V load_tail(const float* p, Tail t, float fill) {
   return _mm256_blendv_ps(set1(fill), _mm256_maskload_ps(p, t), _mm256_castsi256_ps(t));
 }
 inline void store_tail(float* p, Tail t, V x) { _mm256_maskstore_ps(p, t, x); }
+inline V where_tail(Tail t, V a, float fill) { return _mm256_blendv_ps(set1(fill), a, _mm256_castsi256_ps(t)); }
 inline V add(V a, V b) { return _mm256_add_ps(a, b); }
 inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
 inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
@@ -294,8 +298,8 @@ int64_t simd_level(int64_t level) {
 #define DREAMBLEND_ROWS(name, ...) return portable::name(__VA_ARGS__);
 #endif
 
-void softmax_rows(const float* scores, float* probs, int64_t rows, int64_t n) {
-  DREAMBLEND_ROWS(softmax_rows, scores, probs, rows, n)
+void softmax_rows(const float* scores, float* probs, int64_t rows, int64_t n, float scale) {
+  DREAMBLEND_ROWS(softmax_rows, scores, probs, rows, n, scale)
 }
 double l1_rows(const float* a, const float* b, int64_t rows, int64_t n) { DREAMBLEND_ROWS(l1_rows, a, b, rows, n) }
 void softmax_grad_rows(const float* probs, float* d_probs, const float* ref, float w, int64_t rows, int64_t n) {
@@ -303,13 +307,14 @@ void softmax_grad_rows(const float* probs, float* d_probs, const float* ref, flo
 }
 
 // float64 (the reference-precision path) keeps libm's exp.
-void softmax_rows(const double* scores, double* probs, int64_t rows, int64_t n) {
+void softmax_rows(const double* scores, double* probs, int64_t rows, int64_t n, double scale) {
   for (int64_t r = 0; r < rows; ++r) {
     const double* x = scores + r * n;
     double* y = probs + r * n;
-    const double top = *std::max_element(x, x + n);
+    double top = -INFINITY;
+    for (int64_t c = 0; c < n; ++c) top = std::max(top, scale * x[c]);
     double sum = 0;
-    for (int64_t c = 0; c < n; ++c) sum += (y[c] = std::exp(x[c] - top));
+    for (int64_t c = 0; c < n; ++c) sum += (y[c] = std::exp(scale * x[c] - top));
     const double inv = 1.0 / sum;
     for (int64_t c = 0; c < n; ++c) y[c] *= inv;
   }
@@ -337,21 +342,244 @@ void softmax_grad_rows(const double* probs, double* d_probs, const double* ref, 
   }
 }
 
-// P for every head of the tile's group, stacked (group * rows, N): softmax(scale * q k^T) per row.
+// ---- the matrix products of a tile ------------------------------------------------------------------
+// Per head h of a tile: S = q k^T (unscaled: the softmax applies the scale), O = P V, dP = dO V^T,
+// dQ = scale dS K, dK = scale dS^T Q and dV = P^T dO. Two implementations behind one interface keep the
+// tile loops below written once: ATen's GEMMs on compute-dtype operands, and AMX on bfloat16 ones.
+// `Store` is the element type of q, k, v, d_out and of the out and dQ rows written; `Scratch` is the
+// per-thread working memory of one parallel chunk.
+
+// ATen's GEMMs (MKL or oneDNN) on operands in the compute dtype T, read in place.
 template <typename T>
-void tile_probs(const Inputs<T>& in, const Tile& t, T* scores, T* probs) {
+struct AtenProducts {
+  using Store = T;
+  struct Scratch {
+    explicit Scratch(const Shape&) {}
+  };
+  Shape s;
+  Strided<T> q, k, v, d_out;
+
+  // (rows, D) rows of a (B, H, rows, D) operand from the tile's first row, and one head's (N, D) keys/values.
+  at::Tensor rows_of(const Strided<T>& x, const Tile& t, int64_t h) const {
+    return mat(x.at(t.b, h, t.r0), t.rows, s.D, x.sr);
+  }
+  at::Tensor keys(const Tile& t, int64_t h) const { return mat(k.at(t.b, h, 0), s.N, s.D, k.sr); }
+  at::Tensor values(const Tile& t, int64_t h) const { return mat(v.at(t.b, h, 0), s.N, s.D, v.sr); }
+
+  void scores(Scratch&, const Tile& t, int64_t h, T* out) const {
+    auto o = mat(out, t.rows, s.N);
+    at::mm_out(o, rows_of(q, t, h), keys(t, h).t());
+  }
+  void attend(Scratch&, const Tile& t, int64_t h, const T* p, const Strided<T>& out) const {
+    auto o = rows_of(out, t, h);
+    at::mm_out(o, mat(p, t.rows, s.N), values(t, h));
+  }
+  void d_probs(Scratch&, const Tile& t, int64_t h, T* dp) const {
+    auto o = mat(dp, t.rows, s.N);
+    at::mm_out(o, rows_of(d_out, t, h), values(t, h).t());
+  }
+  void grad_q(Scratch&, const Tile& t, int64_t h, const T* ds, T scale, const Strided<T>& dq) const {
+    auto o = rows_of(dq, t, h);
+    at::addmm_out(o, o, mat(ds, t.rows, s.N), keys(t, h), /*beta=*/0, /*alpha=*/scale);
+  }
+  void grad_k(Scratch&, const Tile& t, int64_t h, const T* ds, T scale, T* part) const {
+    auto o = mat(part, s.N, s.D);
+    at::addmm_out(o, o, mat(ds, t.rows, s.N).t(), rows_of(q, t, h), /*beta=*/0, /*alpha=*/scale);
+  }
+  void grad_v(Scratch&, const Tile& t, int64_t h, const T* p, T* part) const {
+    auto o = mat(part, s.N, s.D);
+    at::mm_out(o, mat(p, t.rows, s.N).t(), rows_of(d_out, t, h));
+  }
+};
+
+#ifdef DREAMBLEND_X86_SIMD
+// bfloat16 operands on AMX through oneDNN's batch-reduce GEMM micro-kernel, which ATen exports
+// (at::native::cpublas::brgemm): bf16 x bf16 products accumulated in float32, as the Triton kernels'
+// tl.dot. q k^T and dO V^T multiply the inputs as given, read in place; P V, dS K, dS^T Q and P^T dO take
+// P and scale * dS rounded to bfloat16 (the Triton kernels round P and dS too). ATen's bf16 GEMMs would
+// round their float32 results to bfloat16, and upcasting to float32 GEMMs cost twice the time: on one
+// Sapphire Rapids core, (256 x 40) (40 x 77) took 5.8 us here against 12.7 us in float32 and 24.6 us
+// through torch.mm in bf16.
+using BF16 = at::BFloat16;
+namespace cpublas = at::native::cpublas;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// brgemm reads B packed (VNNI: row pairs interleaved) in column blocks 16, 32, 48 or 64 wide: 64-wide
+// blocks and a last one rounded up to 16 columns. K comes in pairs: an odd K gets a zero row (in B) and a
+// zero column (in A).
+int64_t packed_cols(int64_t n) { return n / 64 * 64 + round_up(n % 64, 16); }
+int64_t packed_size(int64_t k, int64_t n) { return round_up(k, 2) * packed_cols(n); }
+
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
+#endif
+// dst[c] = bf16(scale * src[c]), rounded to nearest even (every AMX CPU has AVX512-BF16).
+void to_bf16(const float* src, BF16* dst, int64_t n, float scale) {
+  const __m512 w = _mm512_set1_ps(scale);
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(src + c), w));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), reinterpret_cast<const __m256i&>(y));
+  }
+  if (c < n) {
+    const __mmask16 live = static_cast<__mmask16>((1u << (n - c)) - 1);
+    const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, src + c), w));
+    _mm256_mask_storeu_epi16(dst + c, live, reinterpret_cast<const __m256i&>(y));
+  }
+}
+#ifdef __clang__
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+bool amx_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") && cpublas::could_pack(at::kBFloat16);
+}
+
+// (rows, n) float rows -> bf16(scale * x) rows with row stride ld >= n; the columns past n are zeroed.
+void round_rows(const float* src, int64_t rows, int64_t n, float scale, BF16* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    to_bf16(src + r * n, dst + r * ld, n, scale);
+    std::fill(dst + r * ld + n, dst + (r + 1) * ld, BF16(0.0f));
+  }
+}
+
+// The transpose of (rows, n) float rows as bf16(scale * x), (n, ld) with ld >= rows; columns past rows zeroed.
+void round_transposed(const float* src, int64_t rows, int64_t n, float scale, BF16* dst, int64_t ld) {
+  for (int64_t c = 0; c < n; ++c) {
+    for (int64_t r = 0; r < rows; ++r) dst[c * ld + r] = BF16(scale * src[r * n + c]);
+    std::fill(dst + c * ld + rows, dst + (c + 1) * ld, BF16(0.0f));
+  }
+}
+
+// Packs the (k, n) operand B for brgemm into dst (packed_size(k, n)): B's rows are src's rows (stride
+// ld), or with `transposed` its columns (B = src^T for src (n, k)). `stage` holds the zero-padded copy.
+void pack_b(const BF16* src, int64_t ld, bool transposed, int64_t k, int64_t n, BF16* stage, BF16* dst) {
+  const int64_t kp = round_up(k, 2), np = packed_cols(n);
+  std::fill(stage, stage + kp * np, BF16(0.0f));
+  for (int64_t r = 0; r < k; ++r) {
+    for (int64_t c = 0; c < n; ++c) stage[r * np + c] = transposed ? src[c * ld + r] : src[r * ld + c];
+  }
+  for (int64_t c0 = 0; c0 < n; c0 += 64) {
+    const int64_t width = std::min<int64_t>(64, np - c0);
+    cpublas::pack(kp, width, np, width, at::kBFloat16, at::kBFloat16, stage + c0, dst + kp * c0);
+  }
+}
+
+// C (rows, n) = A (rows, k) B into float rows of stride ldc, for B packed by pack_b; A's row stride lda,
+// with a zero column at k when k is odd.
+void brgemm_rows(int64_t rows, int64_t k, int64_t n, const BF16* a, int64_t lda, const BF16* b, float* c,
+                 int64_t ldc) {
+  const int64_t kp = round_up(k, 2), np = packed_cols(n);
+  for (int64_t c0 = 0; c0 < n; c0 += 64) {
+    cpublas::brgemm(rows, std::min<int64_t>(64, n - c0), kp, lda, std::min<int64_t>(64, np - c0), ldc,
+                    /*add_C=*/false, a, b + kp * c0, c + c0, /*is_vnni=*/true);
+  }
+}
+
+struct AmxProducts {
+  using Store = BF16;
+  // Working memory of one parallel chunk; its end hands back the AMX tile state the thread configured.
+  struct Scratch {
+    std::vector<BF16> a, stage, packed;  // an A operand rounded to bf16; a tile operand packed as B
+    std::vector<float> c;                // a product before it is rounded into bf16 rows
+    explicit Scratch(const Shape& s)
+        : a(std::max(kTileRows * round_up(s.N, 2), s.N * round_up(kTileRows, 2))),
+          stage(packed_size(kTileRows, s.D)),
+          packed(packed_size(kTileRows, s.D)),
+          c(kTileRows * s.D) {}
+    ~Scratch() { cpublas::brgemm_release(/*is_vnni=*/true); }
+  };
+  Shape s;
+  Strided<BF16> q, k, v, d_out;
+  // Per (batch, head), packed once per call: k^T for S, v for O, v^T for dP, k for dQ (the ones needed).
+  std::vector<BF16> keys_t, values, values_t, keys;
+
+  AmxProducts(const Shape& shape, Strided<BF16> q_, Strided<BF16> k_, Strided<BF16> v_, Strided<BF16> d_out_,
+              bool attend, bool grad_q)
+      : s(shape), q(q_), k(k_), v(v_), d_out(d_out_) {
+    const int64_t kt = packed_size(s.D, s.N), kv = packed_size(s.N, s.D), heads = s.B * s.H;
+    keys_t.resize(heads * kt);
+    values.resize(attend ? heads * kv : 0);
+    values_t.resize(d_out ? heads * kt : 0);
+    keys.resize(grad_q ? heads * kv : 0);
+    at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<BF16> stage(std::max(kt, kv));
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / s.H, h = i % s.H;
+        pack_b(k.at(b, h, 0), k.sr, /*transposed=*/true, s.D, s.N, stage.data(), keys_t.data() + i * kt);
+        if (attend) pack_b(v.at(b, h, 0), v.sr, false, s.N, s.D, stage.data(), values.data() + i * kv);
+        if (d_out) pack_b(v.at(b, h, 0), v.sr, true, s.D, s.N, stage.data(), values_t.data() + i * kt);
+        if (grad_q) pack_b(k.at(b, h, 0), k.sr, false, s.N, s.D, stage.data(), keys.data() + i * kv);
+      }
+    });
+  }
+
+  const BF16* packed(const std::vector<BF16>& all, const Tile& t, int64_t h) const {
+    return all.data() + (t.b * s.H + h) * (all.size() / (s.B * s.H));
+  }
+  // The float (rows, D) product in the scratch rounded into the tile's bf16 rows of out.
+  void store_rows(const Scratch& w, const Tile& t, int64_t h, const Strided<BF16>& out) const {
+    for (int64_t r = 0; r < t.rows; ++r) to_bf16(w.c.data() + r * s.D, out.at(t.b, h, t.r0 + r), s.D, 1.0f);
+  }
+
+  void scores(Scratch&, const Tile& t, int64_t h, float* out) const {
+    brgemm_rows(t.rows, s.D, s.N, q.at(t.b, h, t.r0), q.sr, packed(keys_t, t, h), out, s.N);
+  }
+  void attend(Scratch& w, const Tile& t, int64_t h, const float* p, const Strided<BF16>& out) const {
+    const int64_t ld = round_up(s.N, 2);
+    round_rows(p, t.rows, s.N, 1.0f, w.a.data(), ld);
+    brgemm_rows(t.rows, s.N, s.D, w.a.data(), ld, packed(values, t, h), w.c.data(), s.D);
+    store_rows(w, t, h, out);
+  }
+  void d_probs(Scratch&, const Tile& t, int64_t h, float* dp) const {
+    brgemm_rows(t.rows, s.D, s.N, d_out.at(t.b, h, t.r0), d_out.sr, packed(values_t, t, h), dp, s.N);
+  }
+  void grad_q(Scratch& w, const Tile& t, int64_t h, const float* ds, float scale, const Strided<BF16>& dq) const {
+    const int64_t ld = round_up(s.N, 2);
+    round_rows(ds, t.rows, s.N, scale, w.a.data(), ld);
+    brgemm_rows(t.rows, s.N, s.D, w.a.data(), ld, packed(keys, t, h), w.c.data(), s.D);
+    store_rows(w, t, h, dq);
+  }
+  // dK and dV: (N, rows) A operands (transposed, rounded) against the tile's q or dO rows packed as B.
+  void grad_k(Scratch& w, const Tile& t, int64_t h, const float* ds, float scale, float* part) const {
+    transposed_product(w, t, ds, scale, q.at(t.b, h, t.r0), q.sr, part);
+  }
+  void grad_v(Scratch& w, const Tile& t, int64_t h, const float* p, float* part) const {
+    transposed_product(w, t, p, 1.0f, d_out.at(t.b, h, t.r0), d_out.sr, part);
+  }
+  void transposed_product(Scratch& w, const Tile& t, const float* x, float scale, const BF16* rows, int64_t ld,
+                          float* part) const {
+    const int64_t lda = round_up(t.rows, 2);
+    round_transposed(x, t.rows, s.N, scale, w.a.data(), lda);
+    pack_b(rows, ld, false, t.rows, s.D, w.stage.data(), w.packed.data());
+    brgemm_rows(s.N, t.rows, s.D, w.a.data(), lda, w.packed.data(), part, s.D);
+  }
+};
+#endif
+
+// ---- tile loops -------------------------------------------------------------------------------------
+
+// P for every head of the tile's group, stacked (group * rows, N): softmax(scale * q k^T) per row.
+template <typename T, typename Products>
+void tile_probs(const Problem<T>& in, const Products& mm, typename Products::Scratch& w, const Tile& t, T* scores,
+                T* probs) {
   const Shape& s = in.s;
-  auto sc = mat(scores, t.rows, s.N);
   for (int64_t j = 0; j < s.group; ++j) {
-    const int64_t h = t.h0 + j;
-    at::addmm_out(sc, sc, in.q_rows(t.b, h, t.r0, t.rows), in.keys(t.b, h).t(), /*beta=*/0, /*alpha=*/in.scale);
-    softmax_rows(scores, probs + j * t.rows * s.N, t.rows, s.N);
+    mm.scores(w, t, t.h0 + j, scores);
+    softmax_rows(scores, probs + j * t.rows * s.N, t.rows, s.N, in.scale);
   }
 }
 
 // The tile's captured map (rows, T): P at the token columns, averaged over the group's heads.
 template <typename T>
-void tile_map(const Inputs<T>& in, const Tile& t, const T* probs, T* map) {
+void tile_map(const Problem<T>& in, const Tile& t, const T* probs, T* map) {
   const Shape& s = in.s;
   const T inv_group = T(1) / T(s.group);
   for (int64_t r = 0; r < t.rows; ++r) {
@@ -365,23 +593,21 @@ void tile_map(const Inputs<T>& in, const Tile& t, const T* probs, T* map) {
 
 // Forward over all tiles: writes out, and either the maps (capture) or one L1 partial per tile
 // against ref (guided; maps are never written).
-template <typename T>
-void forward(const Inputs<T>& in, const Strided<T>& out, T* maps, const T* ref, double* loss_parts) {
+template <typename T, typename Products>
+void forward(const Problem<T>& in, const Products& mm, const Strided<typename Products::Store>& out, T* maps,
+             const T* ref, double* loss_parts) {
   const Shape& s = in.s;
   at::parallel_for(0, s.tiles(), 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    typename Products::Scratch w(s);
     const bool map_tile = !in.fused && !maps;  // the guided loss reads a separate map tile
     std::vector<T> scores(kTileRows * s.N), probs(s.group * kTileRows * s.N), map(map_tile ? kTileRows * s.T : 0);
     for (int64_t i = begin; i < end; ++i) {
       const Tile t = locate(s, i);
       // Fused capture: the probability rows are the map rows, so softmax writes into the maps.
       T* p = in.fused && maps && t.mapped ? maps + t.map_offset : probs.data();
-      tile_probs(in, t, scores.data(), p);
-      for (int64_t j = 0; j < s.group; ++j) {
-        const int64_t h = t.h0 + j;
-        auto o = mat(out.at(t.b, h, t.r0), t.rows, s.D, out.sr);
-        at::mm_out(o, mat(p + j * t.rows * s.N, t.rows, s.N), in.values(t.b, h));
-      }
+      tile_probs(in, mm, w, t, scores.data(), p);
+      for (int64_t j = 0; j < s.group; ++j) mm.attend(w, t, t.h0 + j, p + j * t.rows * s.N, out);
       if (maps) {
         if (t.mapped && !in.fused) tile_map(in, t, p, maps + t.map_offset);
         continue;
@@ -396,32 +622,33 @@ void forward(const Inputs<T>& in, const Strided<T>& out, T* maps, const T* ref, 
   });
 }
 
-// Gradients flowing into the backward; null pointers for the ones that are absent or not wanted.
-template <typename T>
+// Gradients flowing into the backward (d_out is an operand of the products); null pointers for the
+// ones that are absent or not wanted.
+template <typename T, typename Store>
 struct Grads {
-  Strided<T> d_out;  // (B, H, M, D), any row strides
-  const T* d_maps;   // capture: gradient of the maps
-  const T* ref;      // guided: reference maps, with d_loss (B,)
+  const T* d_maps;  // capture: gradient of the maps
+  const T* ref;     // guided: reference maps, with d_loss (B,)
   const T* d_loss;
-  Strided<T> dq;     // (B, H, M, D), written in (B, M, H, D) memory order
-  T* dk_parts;       // (B * H, chunks, N, D) per-tile partials
+  Strided<Store> dq;  // (B, H, M, D), written in (B, M, H, D) memory order
+  T* dk_parts;        // (B * H, chunks, N, D) per-tile partials
   T* dv_parts;
 };
 
 // DESIGN §3 per tile: dP = dO V^T + E, Delta = rowsum(P * dP), dS = P * (dP - Delta), then
 // dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO. E (the map gradient scattered into the token
 // columns) is formed here: from d_maps, or as the L1 sign against ref.
-template <typename T>
-void backward(const Inputs<T>& in, const Grads<T>& g) {
+template <typename T, typename Products>
+void backward(const Problem<T>& in, const Products& mm, const Grads<T, typename Products::Store>& g) {
   const Shape& s = in.s;
   at::parallel_for(0, s.tiles(), 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    typename Products::Scratch w(s);
     std::vector<T> scores(kTileRows * s.N), probs(s.group * kTileRows * s.N), d_probs(kTileRows * s.N),
         e(kTileRows * s.T);
     for (int64_t i = begin; i < end; ++i) {
       const Tile t = locate(s, i);
       const int64_t elems = t.rows * s.T;
-      tile_probs(in, t, scores.data(), probs.data());
+      tile_probs(in, mm, w, t, scores.data(), probs.data());
       const bool has_map_grad = (g.d_maps || g.d_loss) && t.mapped;
       // Fused guided backward: the L1 sign is formed per probability row below, no map tile.
       const bool fused_l1 = in.fused && g.d_loss;
@@ -432,19 +659,18 @@ void backward(const Inputs<T>& in, const Grads<T>& g) {
       } else if (g.d_loss && !fused_l1) {
         // d|A - ref|/dP = sign(A - ref) / H in both map modes (mean over heads of the loss, or of A).
         tile_map(in, t, probs.data(), e.data());
-        const T w = g.d_loss[t.b] / T(s.H);
+        const T w_sign = g.d_loss[t.b] / T(s.H);
         for (int64_t x = 0; x < elems; ++x) {
           const T diff = e[x] - g.ref[t.map_offset + x];
-          e[x] = T((diff > 0) - (diff < 0)) * w;
+          e[x] = T((diff > 0) - (diff < 0)) * w_sign;
         }
       }
       for (int64_t j = 0; j < s.group; ++j) {
         const int64_t h = t.h0 + j;
         const T* p = probs.data() + j * t.rows * s.N;
         T* dp = d_probs.data();
-        auto dp_mat = mat(dp, t.rows, s.N);
-        if (g.d_out) {
-          at::mm_out(dp_mat, mat(g.d_out.at(t.b, h, t.r0), t.rows, s.D, g.d_out.sr), in.values(t.b, h).t());
+        if (mm.d_out) {
+          mm.d_probs(w, t, h, dp);
         } else {
           std::fill(d_probs.begin(), d_probs.end(), T(0));
         }
@@ -457,18 +683,9 @@ void backward(const Inputs<T>& in, const Grads<T>& g) {
         softmax_grad_rows(p, dp, fused_l1 ? g.ref + t.map_offset : nullptr,
                           fused_l1 ? g.d_loss[t.b] / T(s.H) : T(0), t.rows, s.N);
         const int64_t part = ((t.b * s.H + h) * s.chunks + t.chunk) * s.N * s.D;
-        if (g.dq) {
-          auto dq = mat(g.dq.at(t.b, h, t.r0), t.rows, s.D, g.dq.sr);
-          at::addmm_out(dq, dq, dp_mat, in.keys(t.b, h), /*beta=*/0, /*alpha=*/in.scale);
-        }
-        if (g.dk_parts) {
-          auto dk = mat(g.dk_parts + part, s.N, s.D);
-          at::addmm_out(dk, dk, dp_mat.t(), in.q_rows(t.b, h, t.r0, t.rows), /*beta=*/0, /*alpha=*/in.scale);
-        }
-        if (g.dv_parts) {
-          auto dv = mat(g.dv_parts + part, s.N, s.D);
-          at::mm_out(dv, mat(p, t.rows, s.N).t(), mat(g.d_out.at(t.b, h, t.r0), t.rows, s.D, g.d_out.sr));
-        }
+        if (g.dq) mm.grad_q(w, t, h, dp, in.scale, g.dq);
+        if (g.dk_parts) mm.grad_k(w, t, h, dp, in.scale, g.dk_parts + part);
+        if (g.dv_parts) mm.grad_v(w, t, h, p, g.dv_parts + part);
       }
     }
   });
@@ -497,19 +714,22 @@ at::Tensor sum_chunks(const at::Tensor& parts) {
   return total;
 }
 
-// Checked, converted op inputs; tensors kept alive here back the raw pointers of Inputs.
+// Checked, converted op inputs; tensors kept alive here back the raw pointers the tile loops read.
 struct Prepared {
   Shape shape;
-  at::ScalarType compute;
-  bool all_tokens;  // tokens are 0..N-1 in order
+  at::ScalarType compute;  // probabilities, maps, loss, dK and dV partials
+  at::ScalarType store;    // q, k, v, d_out, out and dQ: bfloat16 on the AMX path, else the compute dtype
+  bool all_tokens;         // tokens are 0..N-1 in order
   at::Tensor q, k, v, tokens;
 
   at::Tensor as_compute(const at::Tensor& t) const { return t.to(compute).contiguous(); }
-  // (B, H, rows, D) operands are read in place when D is contiguous (and converted only for half inputs).
-  at::Tensor as_compute_rows(const at::Tensor& t) const {
-    at::Tensor c = t.to(compute);
+  // (B, H, rows, D) operands are read in place when D is contiguous (and converted only for half inputs
+  // off the AMX path).
+  at::Tensor as_operand(const at::Tensor& t) const {
+    at::Tensor c = t.to(store);
     return c.stride(3) == 1 ? c : c.contiguous();
   }
+  at::TensorOptions compute_options() const { return q.options().dtype(compute); }
   // (B, H, M, D) in (B, M, H, D) memory order: the layout the attention processor reshapes to.
   at::Tensor new_rows() const {
     const Shape& s = shape;
@@ -526,11 +746,50 @@ struct Prepared {
                 at::IntArrayRef(expected));
   }
   template <typename T>
-  Inputs<T> inputs(double scale) const {
-    return {shape,       T(scale),         tokens.const_data_ptr<int64_t>(), all_tokens && !shape.head_mean,
-            strided<T>(q), strided<T>(k), strided<T>(v)};
+  Problem<T> problem(double scale) const {
+    return {shape, T(scale), tokens.const_data_ptr<int64_t>(), all_tokens && !shape.head_mean};
   }
 };
+
+// Whether bfloat16 inputs take the AMX products (tests switch it off to run the float32 ones too).
+std::atomic<bool>& amx_setting() {
+  static std::atomic<bool> enabled{true};
+  return enabled;
+}
+
+bool amx_available() {
+#ifdef DREAMBLEND_X86_SIMD
+  return amx_supported();
+#else
+  return false;
+#endif
+}
+
+// Switches the AMX products on (1) or off (0) and returns the previous setting; -1 only reads it.
+bool use_amx(int64_t enable) {
+  TORCH_CHECK(enable <= 0 || amx_available(), "this CPU (or this torch build) has no AMX bfloat16 products");
+  return enable < 0 ? amx_setting().load() : amx_setting().exchange(enable > 0);
+}
+
+// Calls fn(problem, products) with the products that suit the prepared operands: AMX for bfloat16 (an even
+// D: q and dO are A operands read in place, whose K = D pairs up), ATen's GEMMs otherwise. `attend`: the
+// forward's O = P V is computed; `grad_q`: the backward's dQ. d_out may be undefined.
+template <typename Fn>
+void with_products(const Prepared& p, double scale, const at::Tensor& d_out, bool attend, bool grad_q, Fn&& fn) {
+#ifdef DREAMBLEND_X86_SIMD
+  if (p.store == at::kBFloat16) {
+    const AmxProducts mm(p.shape, strided<BF16>(p.q), strided<BF16>(p.k), strided<BF16>(p.v), strided<BF16>(d_out),
+                         attend, grad_q);
+    fn(p.problem<float>(scale), mm);
+    return;
+  }
+#endif
+  AT_DISPATCH_FLOATING_TYPES(p.compute, "dreamblend_cpp", [&] {
+    const AtenProducts<scalar_t> mm{p.shape, strided<scalar_t>(p.q), strided<scalar_t>(p.k), strided<scalar_t>(p.v),
+                                    strided<scalar_t>(d_out)};
+    fn(p.problem<scalar_t>(scale), mm);
+  });
+}
 
 // float32 for half inputs, float64 kept: the reference's compute dtype.
 at::ScalarType compute_type(const at::Tensor& q) { return c10::promoteTypes(q.scalar_type(), at::kFloat); }
@@ -561,11 +820,12 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   const int64_t map_b1 = map_rows.second < 0 ? B : map_rows.second;
   TORCH_CHECK(0 <= map_rows.first && map_rows.first < map_b1 && map_b1 <= B, "map rows [", map_rows.first, ", ",
               map_b1, ") must be a non-empty range of the batch's ", B, " rows");
+  const bool amx = q.scalar_type() == at::kBFloat16 && D % 2 == 0 && amx_setting().load() && amx_available();
   Prepared p{{B, H, M, N, D, idx.numel(), head_mean, group, (M + kTileRows - 1) / kTileRows, map_rows.first, map_b1},
-             compute_type(q), all_tokens};
-  p.q = p.as_compute_rows(q);
-  p.k = p.as_compute_rows(k);
-  p.v = p.as_compute_rows(v);
+             compute_type(q), amx ? at::kBFloat16 : compute_type(q), all_tokens};
+  p.q = p.as_operand(q);
+  p.k = p.as_operand(k);
+  p.v = p.as_operand(v);
   p.tokens = idx;
   return p;
 }
@@ -581,15 +841,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(const at::Tensor& q, 
   if (ref_in.has_value()) {
     p.check_map(*ref_in, "ref");
     ref = p.as_compute(*ref_in);
-    loss_parts = at::empty({s.B, s.groups() * s.chunks}, p.q.options().dtype(at::kDouble));
+    loss_parts = at::empty({s.B, s.groups() * s.chunks}, p.compute_options().dtype(at::kDouble));
   } else {
-    maps = at::empty(p.map_sizes(), p.q.options());
+    maps = at::empty(p.map_sizes(), p.compute_options());
   }
-  AT_DISPATCH_FLOATING_TYPES(p.compute, "dreamblend_forward", [&] {
-    forward<scalar_t>(p.inputs<scalar_t>(scale), strided<scalar_t>(out),
-                      maps.defined() ? maps.mutable_data_ptr<scalar_t>() : nullptr,
-                      ref.defined() ? ref.const_data_ptr<scalar_t>() : nullptr,
-                      loss_parts.defined() ? loss_parts.mutable_data_ptr<double>() : nullptr);
+  with_products(p, scale, at::Tensor(), /*attend=*/true, /*grad_q=*/false, [&](const auto& problem, const auto& mm) {
+    using T = typename std::decay_t<decltype(problem)>::Scalar;
+    using Store = typename std::decay_t<decltype(mm)>::Store;
+    forward(problem, mm, strided<Store>(out), maps.defined() ? maps.mutable_data_ptr<T>() : nullptr,
+            ref.defined() ? ref.const_data_ptr<T>() : nullptr,
+            loss_parts.defined() ? loss_parts.mutable_data_ptr<double>() : nullptr);
   });
   return {out.to(q.scalar_type()), maps, loss_parts};
 }
@@ -633,7 +894,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   at::Tensor dout_c, dmaps_c, ref_c, dloss_c;
   if (d_out.has_value()) {
     TORCH_CHECK(d_out->sizes() == q.sizes(), "d_out has shape ", d_out->sizes(), ", expected ", q.sizes());
-    dout_c = p.as_compute_rows(*d_out);
+    dout_c = p.as_operand(*d_out);
   }
   if (d_maps.has_value()) {
     p.check_map(*d_maps, "d_maps");
@@ -645,17 +906,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     ref_c = p.as_compute(*ref);
     dloss_c = p.as_compute(*d_loss);
   }
-  const auto opts = p.q.options();
+  const auto opts = p.compute_options();
   auto dq = need_dq ? p.new_rows() : at::Tensor();
   auto dk_parts = need_dk ? at::empty({s.B * s.H, s.chunks, s.N, s.D}, opts) : at::Tensor();
   // Without a gradient on out, dV = P^T dO is zero: nothing to compute.
   const bool run_dv = need_dv && dout_c.defined();
   auto dv_parts = run_dv ? at::empty({s.B * s.H, s.chunks, s.N, s.D}, opts) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(p.compute, "dreamblend_backward", [&] {
-    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
-    auto mut = [](at::Tensor& t) { return t.defined() ? t.mutable_data_ptr<scalar_t>() : nullptr; };
-    backward<scalar_t>(p.inputs<scalar_t>(scale), {strided<scalar_t>(dout_c), ptr(dmaps_c), ptr(ref_c), ptr(dloss_c),
-                                                   strided<scalar_t>(dq), mut(dk_parts), mut(dv_parts)});
+  with_products(p, scale, dout_c, /*attend=*/false, need_dq, [&](const auto& problem, const auto& mm) {
+    using T = typename std::decay_t<decltype(problem)>::Scalar;
+    using Store = typename std::decay_t<decltype(mm)>::Store;
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; };
+    auto mut = [](at::Tensor& t) { return t.defined() ? t.mutable_data_ptr<T>() : nullptr; };
+    backward(problem, mm, Grads<T, Store>{ptr(dmaps_c), ptr(ref_c), ptr(dloss_c), strided<Store>(dq), mut(dk_parts),
+                                          mut(dv_parts)});
   });
   auto none = q.new_empty({0});
   auto dq_out = need_dq ? dq.to(q.scalar_type()) : none;
@@ -796,6 +1059,9 @@ TORCH_LIBRARY(dreamblend_cpp, m) {
   // The float row kernels' instruction set: 0 portable, 1 AVX2, 2 AVX-512; returns the previous one.
   m.def("simd_level(int level=-1) -> int", &simd_level);
   m.def("simd_detected() -> int", [] { return int64_t(detected_simd()); });
+  // Whether bfloat16 inputs use the AMX products: 1 on, 0 off, -1 only reads; returns the previous setting.
+  m.def("use_amx(int enable=-1) -> bool", &use_amx);
+  m.def("amx_available() -> bool", &amx_available);
 }
 
 TORCH_LIBRARY_IMPL(dreamblend_cpp, CPU, m) {

@@ -2,7 +2,8 @@
 // softmax backward. Included once per instruction set by attention_ops.cpp (no include guard), inside a
 // namespace that first defines the vector primitives:
 //   V, W (lanes), Tail (a mask for the last n % W lanes), tail_of(t), set1, load, store,
-//   load_tail(p, tail, fill) (fill in the masked-off lanes), store_tail, add, sub, mul, fmadd (a b + c),
+//   load_tail(p, tail, fill) (fill in the masked-off lanes), store_tail, where_tail(tail, a, fill) (a in
+//   the tail's live lanes, fill in the others), add, sub, mul, fmadd (a b + c),
 //   max, absolute, step (w where a > 0, -w where a < 0, else 0), round_even, pow2 (2^n for integral
 //   n in [-126, 127]), select_ge (a where x >= cut, else 0), hsum and hmax.
 // The exp is Cephes' expf for x <= 0 (2^n exp(f), |f| <= ln2 / 2, degree 6, within 2 ulp), 0 below
@@ -22,23 +23,23 @@ inline V exp_nonpositive(V x) {
   return select_ge(x, -87.3f, mul(p, pow2(max(n, set1(-126.0f)))));
 }
 
-// Row-wise softmax. The tail vector stays in a register between passes: a masked store read back by a
-// masked load misses store forwarding.
-void softmax_rows(const float* scores, float* probs, int64_t rows, int64_t n) {
+// Row-wise softmax of scale * scores (the scale multiplies first, so any sign works). The tail vector stays
+// in a register between passes: a masked store read back by a masked load misses store forwarding.
+void softmax_rows(const float* scores, float* probs, int64_t rows, int64_t n, float scale) {
   const int64_t body = n - n % W;
   const Tail tail = tail_of(n % W);
-  const float lowest = -INFINITY;
+  const V w = set1(scale);
   for (int64_t r = 0; r < rows; ++r) {
     const float* x = scores + r * n;
     float* y = probs + r * n;
-    const V x_tail = load_tail(x + body, tail, lowest);
+    const V x_tail = where_tail(tail, mul(load_tail(x + body, tail, 0.0f), w), -INFINITY);
     V top = x_tail;
-    for (int64_t c = 0; c < body; c += W) top = max(top, load(x + c));
+    for (int64_t c = 0; c < body; c += W) top = max(top, mul(load(x + c), w));
     const V shift = set1(hmax(top));
     const V e_tail = exp_nonpositive(sub(x_tail, shift));  // 0 in masked-off lanes
     V sum = e_tail;
     for (int64_t c = 0; c < body; c += W) {
-      const V e = exp_nonpositive(sub(load(x + c), shift));
+      const V e = exp_nonpositive(sub(mul(load(x + c), w), shift));
       store(y + c, e);
       sum = add(sum, e);
     }

@@ -245,6 +245,51 @@ def test_every_simd_level_matches_float64(simd, op, tokens):
         torch.testing.assert_close(grad.double(), grad64, **F32_VS_F64)
 
 
+@pytest.fixture(params=["amx", "float32"])
+def products(request):
+    """The matrix products bfloat16 inputs take: AMX where the CPU has it (skipped elsewhere, where it is
+    never picked), and the float32 ones that every other CPU runs."""
+    if request.param == "amx" and not cpp.amx_available():
+        pytest.skip("this CPU (or torch build) has no AMX bfloat16 products")
+    previous = cpp.use_amx(request.param == "amx")
+    yield request.param
+    cpp.use_amx(previous)
+
+
+# bfloat16 inputs against float64 on the same (bf16-valued) inputs. Every output and gradient element
+# carries at most two roundings to bfloat16 (unit roundoff u = 2^-8): its own, and on the AMX path that of
+# one operand (P or scale * dS); q k^T and dO V^T are exact products summed in float32. So the error is
+# within 2u of the result's scale, norm-wise and at the largest element. Maps and loss stay float32.
+BF16_U = 2.0**-8
+
+
+@pytest.mark.parametrize("d", [40, 80])
+@pytest.mark.parametrize("tokens", [None, [0, 38, 38, 76]], ids=["all_tokens", "subset"])
+@pytest.mark.parametrize("op", ["capture", "guided"])
+def test_bfloat16_products_match_float64_within_rounding(products, op, tokens, d):
+    """M = 301 (a full tile and an odd partial one: the padded row of dK's and dV's operands), N = 77 (odd:
+    the padded column of P and dS; 64 + 13 packed columns), D = 40 or 80 (one packed block, or 64 + 16)."""
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in make_qkv(2, 3, 301, 77, d))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference_map_with_margin(q64, k64, v64, tokens, False) if op == "guided" else None
+    out64, second64, grads64 = run_op(op, "torch", q64, k64, v64, ref, tokens, False, "both")
+    ref32 = None if ref is None else ref.float()
+    out, second, grads = run_op(op, "cpp", q, k, v, ref32, tokens, False, "both")
+    torch.testing.assert_close(second.double(), second64, **F32_VS_F64)
+    for name, got, want in zip(["out", "dq", "dk", "dv"], [out, *grads], [out64, *grads64], strict=True):
+        assert got.dtype == torch.bfloat16
+        error = got.double() - want
+        assert error.norm() <= 2 * BF16_U * want.norm(), name
+        assert error.abs().max() <= 2 * BF16_U * want.abs().max(), name
+
+
+def test_use_amx_refuses_where_unavailable():
+    if cpp.amx_available():
+        pytest.skip("this CPU has AMX: the refusal is for CPUs without it")
+    with pytest.raises(RuntimeError, match="no AMX bfloat16 products"):
+        cpp.use_amx(True)
+
+
 def test_softmax_rows_underflow_to_zero_and_stay_normalized(simd):
     """Scores 1e4 apart: exp of the low ones is below float32's normal range and must come out 0
     (not garbage from the 2^n bit trick), while every row still sums to 1."""

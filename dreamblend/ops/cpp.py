@@ -31,8 +31,10 @@ __all__ = [
     "capture_attention",
     "capture_rows",
     "guided_attention",
+    "amx_available",
     "simd_level",
     "simd_levels",
+    "use_amx",
 ]
 
 _NAME = "dreamblend_cpp"
@@ -254,6 +256,19 @@ def simd_level(level: str | None = None) -> str:
         raise ValueError(f"unknown SIMD level {level!r}; choose one of {SIMD_LEVELS}")
     code = -1 if level is None else SIMD_LEVELS.index(level)
     return SIMD_LEVELS[torch.ops.dreamblend_cpp.simd_level(code)]
+
+
+def amx_available() -> bool:
+    """Whether bfloat16 inputs can take the AMX products (an AMX CPU and a torch with oneDNN's brgemm)."""
+    _require()
+    return torch.ops.dreamblend_cpp.amx_available()
+
+
+def use_amx(enabled: bool | None = None) -> bool:
+    """Whether bfloat16 inputs use the AMX products (on by default where available); with ``enabled``,
+    switch and return the previous setting: tests run the float32 products too, as CPUs without AMX do."""
+    _require()
+    return torch.ops.dreamblend_cpp.use_amx(-1 if enabled is None else int(enabled))
 
 
 AVAILABLE = False

@@ -630,7 +630,7 @@ def cost_table(costs: list[dict[str, Any]]) -> list[str]:
     return [
         "Inference cost per denoising step (the supplement's Table 6): median of repeated UNet calls with "
         "classifier-free guidance (2 branches; image-first and text-first guidance: 3), one image per call "
-        "for the base model, a set of n for JeDi. \"vs plain step\" is the median of paired ratios (each "
+        'for the base model, a set of n for JeDi. "vs plain step" is the median of paired ratios (each '
         "JeDi call timed next to a plain call, which cancels load drift on a shared machine), so it need "
         "not equal the ratio of the two medians:",
         "",

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-import yaml
+from cli_helpers import read_manifest, read_pixels, write_jobs
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from mmdit_helpers import save_dreambooth_lora
 from PIL import Image
@@ -47,10 +47,6 @@ def model(request, tmp_path_factory) -> dict:
     return {"kind": request.param, "base": base, "lora": lora, "blend": blend}
 
 
-def _pixels(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path), dtype=np.int16)
-
-
 def _in_memory(model: dict, alpha: float, seed: int, **kwargs) -> Any:
     pipe = model["blend"].from_pretrained(model["base"])
     pipe.load_lora_weights(model["lora"].parent, adapter_name="edit")
@@ -76,10 +72,10 @@ def test_generate_with_a_dreambooth_lora_as_e(model, tmp_path):
         _in_memory(model, 20.0, 3, attention_tokens=["sks", "dog"]).images[0], dtype=np.int16
     )
     # Same weights (safetensors round trip), same float32 math: at most a rounding step in the PNG.
-    assert np.abs(_pixels(out) - expected).max() <= 1
+    assert np.abs(read_pixels(out) - expected).max() <= 1
     plain = _in_memory(model, 0.0, 3, return_reference=True)
     e_alone, g_alone = (np.asarray(x[0], dtype=np.int16) for x in (plain.images, plain.reference_images))
-    assert np.abs(_pixels(out) - e_alone).max() > 1  # the guidance moved E's image
+    assert np.abs(read_pixels(out) - e_alone).max() > 1  # the guidance moved E's image
     assert np.abs(e_alone - g_alone).max() > 1  # and E (base + LoRA) is another model than G (base)
 
 
@@ -100,9 +96,9 @@ def test_generate_with_two_lora_files_as_g_and_e(model, tmp_path):
         cross_attention_guidance_scale=20.0, generator=torch.Generator().manual_seed(0),
         guidance_adapter="guidance", edit_adapter="edit",
     )  # fmt: skip
-    assert np.abs(_pixels(out) - np.asarray(expected.images[0], dtype=np.int16)).max() <= 1
+    assert np.abs(read_pixels(out) - np.asarray(expected.images[0], dtype=np.int16)).max() <= 1
     base_g = np.asarray(_in_memory(model, 20.0, 0).images[0], dtype=np.int16)
-    assert np.abs(_pixels(out) - base_g).max() > 1  # G is the early LoRA, not the base model
+    assert np.abs(read_pixels(out) - base_g).max() > 1  # G is the early LoRA, not the base model
 
 
 def test_text_encoder_weights_in_a_lora_file_are_dropped(model, tmp_path):
@@ -147,14 +143,7 @@ def _jobs(model: dict, folder: Path, **overrides: object) -> Path:
         "batch_size": 3,
         **overrides,
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "jobs.yaml"
-    path.write_text(yaml.safe_dump(jobs))
-    return path
-
-
-def _manifest(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    return write_jobs(folder, jobs)
 
 
 def test_batch_generates_every_item_once_and_resumes(model, tmp_path, monkeypatch):
@@ -171,13 +160,13 @@ def test_batch_generates_every_item_once_and_resumes(model, tmp_path, monkeypatc
     monkeypatch.setattr(batch_command, "save_png", dying_save)
     with pytest.raises(KeyboardInterrupt):
         main(["batch", str(jobs), "--no-progress"])
-    assert len(_manifest(out)) == 3
+    assert len(read_manifest(out)) == 3
     first = {name: (out / name).read_bytes() for name in saved}
     monkeypatch.setattr(
         batch_command, "save_png", lambda image, path: (saved.append(path.name), real_save(image, path))
     )
     assert main(["batch", str(jobs), "--no-progress"]) == 0
-    records = _manifest(out)
+    records = read_manifest(out)
     assert len(records) == 8 == len(set(saved))  # 2 alphas x 2 prompts x 2 seeds, each made once
     assert all((out / name).read_bytes() == data for name, data in first.items())  # not redone
     assert {(r["prompt"], r["seed"], r["alpha"], r["pair"], r["edit"]) for r in records} == {
@@ -188,7 +177,7 @@ def test_batch_generates_every_item_once_and_resumes(model, tmp_path, monkeypatc
     }
     guided = next(r for r in records if r["prompt"] == PROMPT and r["seed"] == 1 and r["alpha"] == 20.0)
     expected = np.asarray(_in_memory(model, 20.0, 1).images[0], dtype=np.int16)
-    assert np.abs(_pixels(out / guided["file"]) - expected).max() <= 1  # a batch item is the single image
+    assert np.abs(read_pixels(out / guided["file"]) - expected).max() <= 1  # a batch item is the single image
     count = len(saved)
     assert main(["batch", str(jobs), "--no-progress"]) == 0  # everything done: nothing redone
     assert len(saved) == count

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from cli_helpers import read_manifest, read_pixels, write_jobs
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
@@ -43,10 +42,6 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def _pixels(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path), dtype=np.int16)
-
-
 def test_generate_writes_what_the_pipeline_makes(models, tmp_path):
     out = tmp_path / "out" / "dog.png"
     args = ["generate", PROMPT, "--model", str(models["base"]), "--guidance-model", str(models["g"])]
@@ -62,9 +57,11 @@ def test_generate_writes_what_the_pipeline_makes(models, tmp_path):
         generator=gen(3),
         return_reference=True,
     )
-    assert np.abs(_pixels(out) - np.asarray(expected.images[0], dtype=np.int16)).max() <= 1
+    assert np.abs(read_pixels(out) - np.asarray(expected.images[0], dtype=np.int16)).max() <= 1
     reference = out.with_name("dog_reference.png")
-    assert np.abs(_pixels(reference) - np.asarray(expected.reference_images[0], dtype=np.int16)).max() <= 1
+    assert (
+        np.abs(read_pixels(reference) - np.asarray(expected.reference_images[0], dtype=np.int16)).max() <= 1
+    )
     assert not list(out.parent.glob(".*"))  # no temporary files left behind
 
 
@@ -82,11 +79,11 @@ def test_generate_with_lora_files_matches_in_memory_adapters(models, lora_unet, 
         PROMPT, num_inference_steps=2, height=16, width=16, cross_attention_guidance_scale=1.0,
         guidance_adapter="early", edit_adapter="late", generator=gen(1),
     ).images[0]  # fmt: skip
-    assert np.abs(_pixels(adapters) - np.asarray(expected, dtype=np.int16)).max() <= 1
-    np.testing.assert_array_equal(_pixels(as_model), _pixels(adapters))
+    assert np.abs(read_pixels(adapters) - np.asarray(expected, dtype=np.int16)).max() <= 1
+    np.testing.assert_array_equal(read_pixels(as_model), read_pixels(adapters))
     base_g = tmp_path / "base_g.png"  # only E given: G is the base model
     assert main([*base, "--edit-adapter", str(models["late"]), "--out", str(base_g)]) == 0
-    assert not np.array_equal(_pixels(base_g), _pixels(adapters))
+    assert not np.array_equal(read_pixels(base_g), read_pixels(adapters))
 
 
 def test_generate_custom_diffusion_file_and_real_image(models, tmp_path):
@@ -146,14 +143,7 @@ def _jobs(models: dict[str, Path], folder: Path, **overrides: object) -> Path:
         "batch_size": 3,
         **overrides,
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "jobs.yaml"
-    path.write_text(yaml.safe_dump(jobs))
-    return path
-
-
-def _manifest(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    return write_jobs(folder, jobs)
 
 
 def test_batch_generates_every_item_once_and_resumes(models, tmp_path, monkeypatch):
@@ -171,7 +161,7 @@ def test_batch_generates_every_item_once_and_resumes(models, tmp_path, monkeypat
     monkeypatch.setattr(batch_command, "save_png", dying_save)
     with pytest.raises(KeyboardInterrupt):
         main(["batch", str(jobs), "--no-progress"])
-    assert len(_manifest(out)) == 5  # the manifest lists what finished before the failure
+    assert len(read_manifest(out)) == 5  # the manifest lists what finished before the failure
     first = {name: (out / name).read_bytes() for name in saved}
     (out / ".stray.png.123.tmp").write_bytes(b"partial")  # what a kill mid-write leaves
 
@@ -179,7 +169,7 @@ def test_batch_generates_every_item_once_and_resumes(models, tmp_path, monkeypat
         batch_command, "save_png", lambda image, path: (saved.append(path.name), real_save(image, path))
     )
     assert main(["batch", str(jobs), "--no-progress"]) == 0
-    records = _manifest(out)
+    records = read_manifest(out)
     assert (
         len(records) == 16 == len({r["id"] for r in records}) == len(set(saved))
     )  # 2 pairs x 2 alpha x 2 x 2
@@ -214,11 +204,11 @@ def test_batch_items_match_single_generation(models, tmp_path):
         models, tmp_path, pairs=[{"guidance": str(models["g"])}], alpha=0.5, prompts=[PROMPT], seeds=[7]
     )
     assert main(["batch", str(jobs), "--no-progress"]) == 0
-    record = _manifest(tmp_path / "out")[0]
+    record = read_manifest(tmp_path / "out")[0]
     single = tmp_path / "single.png"
     args = ["generate", PROMPT, "--model", str(models["base"]), "--guidance-model", str(models["g"]), *COMMON]
     assert main([*args, "--alpha", "0.5", "--seed", "7", "--out", str(single)]) == 0
-    assert np.abs(_pixels(tmp_path / "out" / record["file"]) - _pixels(single)).max() <= 1
+    assert np.abs(read_pixels(tmp_path / "out" / record["file"]) - read_pixels(single)).max() <= 1
 
 
 def test_batch_halves_the_batch_on_out_of_memory(models, tmp_path, monkeypatch):
@@ -236,7 +226,7 @@ def test_batch_halves_the_batch_on_out_of_memory(models, tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="retrying with 2"):
         assert main(["batch", str(jobs), "--no-progress"]) == 0
     assert sizes[:3] == [4, 2, 1] and set(sizes[3:]) == {1}
-    assert len(_manifest(tmp_path / "out")) == 4
+    assert len(read_manifest(tmp_path / "out")) == 4
 
 
 def test_batch_input_errors(models, tmp_path, capsys):
@@ -264,7 +254,7 @@ def test_batch_two_processes_split_the_items(models, tmp_path):
     start = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    records = _manifest(tmp_path / "out")
+    records = read_manifest(tmp_path / "out")
     assert len(records) == 8 == len({r["id"] for r in records})
     assert sorted(r["process"] for r in records) == [0] * 4 + [1] * 4
     assert len(list((tmp_path / "out").glob("*.png"))) == 8

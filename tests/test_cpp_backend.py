@@ -283,6 +283,17 @@ def test_bfloat16_products_match_float64_within_rounding(products, op, tokens, d
         assert error.abs().max() <= 2 * BF16_U * want.abs().max(), name
 
 
+def test_bfloat16_with_an_odd_head_dim_stays_within_rounding(products):
+    """AMX reads q k^T's K = D in pairs, so an odd D goes to the float32 products under either setting."""
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in make_qkv(1, 2, 37, 77, 33))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out64, maps64, grads64 = run_op("capture", "torch", q64, k64, v64, None, None, False, "both")
+    out, maps, grads = run_op("capture", "cpp", q, k, v, None, None, False, "both")
+    torch.testing.assert_close(maps.double(), maps64, **F32_VS_F64)
+    for got, want in zip([out, *grads], [out64, *grads64], strict=True):
+        assert (got.double() - want).norm() <= 2 * BF16_U * want.norm()
+
+
 def test_use_amx_refuses_where_unavailable():
     if cpp.amx_available():
         pytest.skip("this CPU has AMX: the refusal is for CPUs without it")

@@ -294,6 +294,32 @@ def test_bfloat16_with_an_odd_head_dim_stays_within_rounding(products):
         assert (got.double() - want).norm() <= 2 * BF16_U * want.norm()
 
 
+def test_amx_products_are_bitwise_identical_across_thread_counts():
+    """Each tile's AMX micro-kernel calls and partial sums are the same whatever thread runs them, so
+    bf16 results on that path are identical to the bit at 1 and 2 threads (ATen's GEMMs are not)."""
+    if not cpp.amx_available():
+        pytest.skip("this CPU (or torch build) has no AMX bfloat16 products")
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in make_qkv(2, 4, 300, 77, 40))
+    ref = reference_map_with_margin(q, k, v, None, False).float()
+
+    def run():
+        out, loss = ops.guided_attention(q, k, v, ref, backend="cpp")
+        _, maps = ops.capture_attention(q, k, v, head_mean=True, backend="cpp")
+        grads = torch.autograd.grad(loss.sum() + out.float().sum() + maps.sum(), (q, k, v))
+        return out, loss, maps, *grads
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = run()
+        torch.set_num_threads(1)
+        one = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(two, one, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_use_amx_refuses_where_unavailable():
     if cpp.amx_available():
         pytest.skip("this CPU has AMX: the refusal is for CPUs without it")

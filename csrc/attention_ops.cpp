@@ -524,28 +524,26 @@ struct AmxProducts {
   const BF16* packed(const std::vector<BF16>& all, const Tile& t, int64_t h) const {
     return all.data() + (t.b * s.H + h) * (all.size() / (s.B * s.H));
   }
-  // The float (rows, D) product in the scratch rounded into the tile's bf16 rows of out.
-  void store_rows(const Scratch& w, const Tile& t, int64_t h, const Strided<BF16>& out) const {
-    for (int64_t r = 0; r < t.rows; ++r) to_bf16(w.c.data() + r * s.D, out.at(t.b, h, t.r0 + r), s.D, 1.0f);
-  }
-
   void scores(Scratch&, const Tile& t, int64_t h, float* out) const {
     brgemm_rows(t.rows, s.D, s.N, q.at(t.b, h, t.r0), q.sr, packed(keys_t, t, h), out, s.N);
   }
   void attend(Scratch& w, const Tile& t, int64_t h, const float* p, const Strided<BF16>& out) const {
-    const int64_t ld = round_up(s.N, 2);
-    round_rows(p, t.rows, s.N, 1.0f, w.a.data(), ld);
-    brgemm_rows(t.rows, s.N, s.D, w.a.data(), ld, packed(values, t, h), w.c.data(), s.D);
-    store_rows(w, t, h, out);
+    rounded_product(w, t, h, p, 1.0f, packed(values, t, h), out);
   }
   void d_probs(Scratch&, const Tile& t, int64_t h, float* dp) const {
     brgemm_rows(t.rows, s.D, s.N, d_out.at(t.b, h, t.r0), d_out.sr, packed(values_t, t, h), dp, s.N);
   }
   void grad_q(Scratch& w, const Tile& t, int64_t h, const float* ds, float scale, const Strided<BF16>& dq) const {
+    rounded_product(w, t, h, ds, scale, packed(keys, t, h), dq);
+  }
+  // O and dQ: bf16(scale * x) for the tile's (rows, N) float rows x, times a packed (N, D) operand, rounded
+  // into the tile's bf16 rows of `rows`.
+  void rounded_product(Scratch& w, const Tile& t, int64_t h, const float* x, float scale, const BF16* b,
+                       const Strided<BF16>& rows) const {
     const int64_t ld = round_up(s.N, 2);
-    round_rows(ds, t.rows, s.N, scale, w.a.data(), ld);
-    brgemm_rows(t.rows, s.N, s.D, w.a.data(), ld, packed(keys, t, h), w.c.data(), s.D);
-    store_rows(w, t, h, dq);
+    round_rows(x, t.rows, s.N, scale, w.a.data(), ld);
+    brgemm_rows(t.rows, s.N, s.D, w.a.data(), ld, b, w.c.data(), s.D);
+    for (int64_t r = 0; r < t.rows; ++r) to_bf16(w.c.data() + r * s.D, rows.at(t.b, h, t.r0 + r), s.D, 1.0f);
   }
   // dK and dV: (N, rows) A operands (transposed, rounded) against the tile's q or dO rows packed as B.
   void grad_k(Scratch& w, const Tile& t, int64_t h, const float* ds, float scale, float* part) const {

@@ -26,12 +26,12 @@ from dreamblend.ops.reference import compute_dtype
 __all__ = [
     "AVAILABLE",
     "UNAVAILABLE_REASON",
+    "amx_available",
     "build",
     "build_directory",
     "capture_attention",
     "capture_rows",
     "guided_attention",
-    "amx_available",
     "simd_level",
     "simd_levels",
     "use_amx",

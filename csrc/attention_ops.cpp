@@ -3,7 +3,8 @@
 //
 // Work is cut into tiles: up to kTileRows query rows of one batch entry and one head group. A head
 // group is a single head, or all H heads in head-mean mode, where the mean over heads couples them.
-// A tile holds only its (rows, N) probabilities; the backward recomputes them from q and k. Results
+// A tile holds only its (rows, N) probabilities; the backward recomputes them from q and k (and, after a
+// guided forward, from the two numbers per row it kept: no max or sum pass). Results
 // that several tiles feed (the loss, dK, dV) are written per tile and summed in tile order, so
 // results are bitwise reproducible and do not depend on how tiles are spread over threads.
 //
@@ -30,8 +31,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
-#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
@@ -120,8 +119,8 @@ Strided<T> strided(const at::Tensor& t) {
 }
 
 // What the tile loops need besides the operands: the shape, the softmax scale and the map's token columns
-// as int64 indices. `fused`: per-head maps of all N tokens in order, so a map row is a probability row
-// and the map work runs on the probabilities directly.
+// as int64 indices (null: every token in order). `fused`: per-head maps of all N tokens in order, so a map
+// row is a probability row and the map work runs on the probabilities directly.
 template <typename T>
 struct Problem {
   using Scalar = T;  // the compute dtype: probabilities, maps, loss
@@ -129,6 +128,8 @@ struct Problem {
   T scale;
   const int64_t* tokens;
   bool fused;
+
+  int64_t column(int64_t c) const { return tokens ? tokens[c] : c; }  // of the map's column c in P
 };
 
 // Row kernels (csrc/row_kernels.h) for float tiles, in place of ATen's softmax and of loops the
@@ -298,16 +299,20 @@ int64_t simd_level(int64_t level) {
 #define DREAMBLEND_ROWS(name, ...) return portable::name(__VA_ARGS__);
 #endif
 
-void softmax_rows(const float* scores, float* probs, int64_t rows, int64_t n, float scale) {
-  DREAMBLEND_ROWS(softmax_rows, scores, probs, rows, n, scale)
+void softmax_rows(const float* scores, float* probs, int64_t rows, int64_t n, float scale, float* stats) {
+  DREAMBLEND_ROWS(softmax_rows, scores, probs, rows, n, scale, stats)
+}
+void exp_rows(const float* scores, float* probs, int64_t rows, int64_t n, float scale, const float* stats) {
+  DREAMBLEND_ROWS(exp_rows, scores, probs, rows, n, scale, stats)
 }
 double l1_rows(const float* a, const float* b, int64_t rows, int64_t n) { DREAMBLEND_ROWS(l1_rows, a, b, rows, n) }
-void softmax_grad_rows(const float* probs, float* d_probs, const float* ref, float w, int64_t rows, int64_t n) {
-  DREAMBLEND_ROWS(softmax_grad_rows, probs, d_probs, ref, w, rows, n)
+void softmax_grad_rows(const float* probs, float* d_probs, const float* ref, float w, float scale, int64_t rows,
+                       int64_t n) {
+  DREAMBLEND_ROWS(softmax_grad_rows, probs, d_probs, ref, w, scale, rows, n)
 }
 
 // float64 (the reference-precision path) keeps libm's exp.
-void softmax_rows(const double* scores, double* probs, int64_t rows, int64_t n, double scale) {
+void softmax_rows(const double* scores, double* probs, int64_t rows, int64_t n, double scale, double* stats) {
   for (int64_t r = 0; r < rows; ++r) {
     const double* x = scores + r * n;
     double* y = probs + r * n;
@@ -317,6 +322,16 @@ void softmax_rows(const double* scores, double* probs, int64_t rows, int64_t n, 
     for (int64_t c = 0; c < n; ++c) sum += (y[c] = std::exp(scale * x[c] - top));
     const double inv = 1.0 / sum;
     for (int64_t c = 0; c < n; ++c) y[c] *= inv;
+    if (stats) {
+      stats[2 * r] = top;
+      stats[2 * r + 1] = inv;
+    }
+  }
+}
+
+void exp_rows(const double* scores, double* probs, int64_t rows, int64_t n, double scale, const double* stats) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < n; ++c) probs[r * n + c] = std::exp(scale * scores[r * n + c] - stats[2 * r]) * stats[2 * r + 1];
   }
 }
 
@@ -326,7 +341,8 @@ double l1_rows(const double* a, const double* b, int64_t rows, int64_t n) {
   return total;
 }
 
-void softmax_grad_rows(const double* probs, double* d_probs, const double* ref, double w, int64_t rows, int64_t n) {
+void softmax_grad_rows(const double* probs, double* d_probs, const double* ref, double w, double scale, int64_t rows,
+                       int64_t n) {
   for (int64_t r = 0; r < rows; ++r) {
     const double* p = probs + r * n;
     double* d = d_probs + r * n;
@@ -338,13 +354,13 @@ void softmax_grad_rows(const double* probs, double* d_probs, const double* ref, 
       }
       delta += p[c] * d[c];
     }
-    for (int64_t c = 0; c < n; ++c) d[c] = p[c] * (d[c] - delta);
+    for (int64_t c = 0; c < n; ++c) d[c] = p[c] * (d[c] - delta) * scale;
   }
 }
 
 // ---- the matrix products of a tile ------------------------------------------------------------------
 // Per head h of a tile: S = q k^T (unscaled: the softmax applies the scale), O = P V, dP = dO V^T,
-// dQ = scale dS K, dK = scale dS^T Q and dV = P^T dO. Two implementations behind one interface keep the
+// dQ = (scale dS) K, dK = (scale dS)^T Q and dV = P^T dO (the softmax backward writes scale dS). Two implementations behind one interface keep the
 // tile loops below written once: ATen's GEMMs on compute-dtype operands, and AMX on bfloat16 ones.
 // `Store` is the element type of q, k, v, d_out and of the out and dQ rows written; `Scratch` is the
 // per-thread working memory of one parallel chunk.
@@ -378,13 +394,13 @@ struct AtenProducts {
     auto o = mat(dp, t.rows, s.N);
     at::mm_out(o, rows_of(d_out, t, h), values(t, h).t());
   }
-  void grad_q(Scratch&, const Tile& t, int64_t h, const T* ds, T scale, const Strided<T>& dq) const {
+  void grad_q(Scratch&, const Tile& t, int64_t h, const T* ds, const Strided<T>& dq) const {
     auto o = rows_of(dq, t, h);
-    at::addmm_out(o, o, mat(ds, t.rows, s.N), keys(t, h), /*beta=*/0, /*alpha=*/scale);
+    at::mm_out(o, mat(ds, t.rows, s.N), keys(t, h));
   }
-  void grad_k(Scratch&, const Tile& t, int64_t h, const T* ds, T scale, T* part) const {
+  void grad_k(Scratch&, const Tile& t, int64_t h, const T* ds, T* part) const {
     auto o = mat(part, s.N, s.D);
-    at::addmm_out(o, o, mat(ds, t.rows, s.N).t(), rows_of(q, t, h), /*beta=*/0, /*alpha=*/scale);
+    at::mm_out(o, mat(ds, t.rows, s.N).t(), rows_of(q, t, h));
   }
   void grad_v(Scratch&, const Tile& t, int64_t h, const T* p, T* part) const {
     auto o = mat(part, s.N, s.D);
@@ -417,17 +433,16 @@ int64_t packed_size(int64_t k, int64_t n) { return round_up(k, 2) * packed_cols(
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
 #endif
-// dst[c] = bf16(scale * src[c]), rounded to nearest even (every AMX CPU has AVX512-BF16).
-void to_bf16(const float* src, BF16* dst, int64_t n, float scale) {
-  const __m512 w = _mm512_set1_ps(scale);
+// dst[c] = bf16(src[c]), rounded to nearest even (every AMX CPU has AVX512-BF16).
+void to_bf16(const float* src, BF16* dst, int64_t n) {
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
-    const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(src + c), w));
+    const __m256bh y = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + c));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), reinterpret_cast<const __m256i&>(y));
   }
   if (c < n) {
     const __mmask16 live = static_cast<__mmask16>((1u << (n - c)) - 1);
-    const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, src + c), w));
+    const __m256bh y = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(live, src + c));
     _mm256_mask_storeu_epi16(dst + c, live, reinterpret_cast<const __m256i&>(y));
   }
 }
@@ -442,18 +457,18 @@ bool amx_supported() {
   return __builtin_cpu_supports("avx512bf16") && cpublas::could_pack(at::kBFloat16);
 }
 
-// (rows, n) float rows -> bf16(scale * x) rows with row stride ld >= n; the columns past n are zeroed.
-void round_rows(const float* src, int64_t rows, int64_t n, float scale, BF16* dst, int64_t ld) {
+// (rows, n) float rows -> bf16 rows with row stride ld >= n; the columns past n are zeroed.
+void round_rows(const float* src, int64_t rows, int64_t n, BF16* dst, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
-    to_bf16(src + r * n, dst + r * ld, n, scale);
+    to_bf16(src + r * n, dst + r * ld, n);
     std::fill(dst + r * ld + n, dst + (r + 1) * ld, BF16(0.0f));
   }
 }
 
-// The transpose of (rows, n) float rows as bf16(scale * x), (n, ld) with ld >= rows; columns past rows zeroed.
-void round_transposed(const float* src, int64_t rows, int64_t n, float scale, BF16* dst, int64_t ld) {
+// The transpose of (rows, n) float rows in bf16, (n, ld) with ld >= rows; columns past rows zeroed.
+void round_transposed(const float* src, int64_t rows, int64_t n, BF16* dst, int64_t ld) {
   for (int64_t c = 0; c < n; ++c) {
-    for (int64_t r = 0; r < rows; ++r) dst[c * ld + r] = BF16(scale * src[r * n + c]);
+    for (int64_t r = 0; r < rows; ++r) dst[c * ld + r] = BF16(src[r * n + c]);
     std::fill(dst + c * ld + rows, dst + (c + 1) * ld, BF16(0.0f));
   }
 }
@@ -528,34 +543,34 @@ struct AmxProducts {
     brgemm_rows(t.rows, s.D, s.N, q.at(t.b, h, t.r0), q.sr, packed(keys_t, t, h), out, s.N);
   }
   void attend(Scratch& w, const Tile& t, int64_t h, const float* p, const Strided<BF16>& out) const {
-    rounded_product(w, t, h, p, 1.0f, packed(values, t, h), out);
+    rounded_product(w, t, h, p, packed(values, t, h), out);
   }
   void d_probs(Scratch&, const Tile& t, int64_t h, float* dp) const {
     brgemm_rows(t.rows, s.D, s.N, d_out.at(t.b, h, t.r0), d_out.sr, packed(values_t, t, h), dp, s.N);
   }
-  void grad_q(Scratch& w, const Tile& t, int64_t h, const float* ds, float scale, const Strided<BF16>& dq) const {
-    rounded_product(w, t, h, ds, scale, packed(keys, t, h), dq);
+  void grad_q(Scratch& w, const Tile& t, int64_t h, const float* ds, const Strided<BF16>& dq) const {
+    rounded_product(w, t, h, ds, packed(keys, t, h), dq);
   }
-  // O and dQ: bf16(scale * x) for the tile's (rows, N) float rows x, times a packed (N, D) operand, rounded
-  // into the tile's bf16 rows of `rows`.
-  void rounded_product(Scratch& w, const Tile& t, int64_t h, const float* x, float scale, const BF16* b,
+  // O and dQ: bf16(x) for the tile's (rows, N) float rows x, times a packed (N, D) operand, rounded into the
+  // tile's bf16 rows of `rows`.
+  void rounded_product(Scratch& w, const Tile& t, int64_t h, const float* x, const BF16* b,
                        const Strided<BF16>& rows) const {
     const int64_t ld = round_up(s.N, 2);
-    round_rows(x, t.rows, s.N, scale, w.a.data(), ld);
+    round_rows(x, t.rows, s.N, w.a.data(), ld);
     brgemm_rows(t.rows, s.N, s.D, w.a.data(), ld, b, w.c.data(), s.D);
-    for (int64_t r = 0; r < t.rows; ++r) to_bf16(w.c.data() + r * s.D, rows.at(t.b, h, t.r0 + r), s.D, 1.0f);
+    for (int64_t r = 0; r < t.rows; ++r) to_bf16(w.c.data() + r * s.D, rows.at(t.b, h, t.r0 + r), s.D);
   }
   // dK and dV: (N, rows) A operands (transposed, rounded) against the tile's q or dO rows packed as B.
-  void grad_k(Scratch& w, const Tile& t, int64_t h, const float* ds, float scale, float* part) const {
-    transposed_product(w, t, ds, scale, q.at(t.b, h, t.r0), q.sr, part);
+  void grad_k(Scratch& w, const Tile& t, int64_t h, const float* ds, float* part) const {
+    transposed_product(w, t, ds, q.at(t.b, h, t.r0), q.sr, part);
   }
   void grad_v(Scratch& w, const Tile& t, int64_t h, const float* p, float* part) const {
-    transposed_product(w, t, p, 1.0f, d_out.at(t.b, h, t.r0), d_out.sr, part);
+    transposed_product(w, t, p, d_out.at(t.b, h, t.r0), d_out.sr, part);
   }
-  void transposed_product(Scratch& w, const Tile& t, const float* x, float scale, const BF16* rows, int64_t ld,
+  void transposed_product(Scratch& w, const Tile& t, const float* x, const BF16* rows, int64_t ld,
                           float* part) const {
     const int64_t lda = round_up(t.rows, 2);
-    round_transposed(x, t.rows, s.N, scale, w.a.data(), lda);
+    round_transposed(x, t.rows, s.N, w.a.data(), lda);
     pack_b(rows, ld, false, t.rows, s.D, w.stage.data(), w.packed.data());
     brgemm_rows(s.N, t.rows, s.D, w.a.data(), lda, w.packed.data(), part, s.D);
   }
@@ -564,14 +579,22 @@ struct AmxProducts {
 
 // ---- tile loops -------------------------------------------------------------------------------------
 
-// P for every head of the tile's group, stacked (group * rows, N): softmax(scale * q k^T) per row.
+// P for every head of the tile's group, stacked (group * rows, N): softmax(scale * q k^T) per row. Row
+// statistics, (B, H, M, 2) (shift, 1 / sum) pairs: the forward writes them to `stats_out` where the
+// backward will need P; the backward rebuilds the same P from `stats_in` in one pass.
 template <typename T, typename Products>
 void tile_probs(const Problem<T>& in, const Products& mm, typename Products::Scratch& w, const Tile& t, T* scores,
-                T* probs) {
+                T* probs, typename Problem<T>::Scalar* stats_out, const typename Problem<T>::Scalar* stats_in) {
   const Shape& s = in.s;
   for (int64_t j = 0; j < s.group; ++j) {
     mm.scores(w, t, t.h0 + j, scores);
-    softmax_rows(scores, probs + j * t.rows * s.N, t.rows, s.N, in.scale);
+    const int64_t row_stats = ((t.b * s.H + t.h0 + j) * s.M + t.r0) * 2;
+    T* p = probs + j * t.rows * s.N;
+    if (stats_in) {
+      exp_rows(scores, p, t.rows, s.N, in.scale, stats_in + row_stats);
+    } else {
+      softmax_rows(scores, p, t.rows, s.N, in.scale, stats_out ? stats_out + row_stats : nullptr);
+    }
   }
 }
 
@@ -583,17 +606,17 @@ void tile_map(const Problem<T>& in, const Tile& t, const T* probs, T* map) {
   for (int64_t r = 0; r < t.rows; ++r) {
     for (int64_t c = 0; c < s.T; ++c) {
       T acc = 0;
-      for (int64_t j = 0; j < s.group; ++j) acc += probs[(j * t.rows + r) * s.N + in.tokens[c]];
+      for (int64_t j = 0; j < s.group; ++j) acc += probs[(j * t.rows + r) * s.N + in.column(c)];
       map[r * s.T + c] = acc * inv_group;
     }
   }
 }
 
 // Forward over all tiles: writes out, and either the maps (capture) or one L1 partial per tile
-// against ref (guided; maps are never written).
+// against ref (guided; maps are never written) and the row statistics of P for the backward.
 template <typename T, typename Products>
 void forward(const Problem<T>& in, const Products& mm, const Strided<typename Products::Store>& out, T* maps,
-             const T* ref, double* loss_parts) {
+             const T* ref, double* loss_parts, T* stats) {
   const Shape& s = in.s;
   at::parallel_for(0, s.tiles(), 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -604,7 +627,7 @@ void forward(const Problem<T>& in, const Products& mm, const Strided<typename Pr
       const Tile t = locate(s, i);
       // Fused capture: the probability rows are the map rows, so softmax writes into the maps.
       T* p = in.fused && maps && t.mapped ? maps + t.map_offset : probs.data();
-      tile_probs(in, mm, w, t, scores.data(), p);
+      tile_probs(in, mm, w, t, scores.data(), p, stats, nullptr);
       for (int64_t j = 0; j < s.group; ++j) mm.attend(w, t, t.h0 + j, p + j * t.rows * s.N, out);
       if (maps) {
         if (t.mapped && !in.fused) tile_map(in, t, p, maps + t.map_offset);
@@ -627,6 +650,7 @@ struct Grads {
   const T* d_maps;  // capture: gradient of the maps
   const T* ref;     // guided: reference maps, with d_loss (B,)
   const T* d_loss;
+  const T* stats;     // the forward's row statistics of P, if it kept them
   Strided<Store> dq;  // (B, H, M, D), written in (B, M, H, D) memory order
   T* dk_parts;        // (B * H, chunks, N, D) per-tile partials
   T* dv_parts;
@@ -646,7 +670,7 @@ void backward(const Problem<T>& in, const Products& mm, const Grads<T, typename 
     for (int64_t i = begin; i < end; ++i) {
       const Tile t = locate(s, i);
       const int64_t elems = t.rows * s.T;
-      tile_probs(in, mm, w, t, scores.data(), probs.data());
+      tile_probs(in, mm, w, t, scores.data(), probs.data(), nullptr, g.stats);
       const bool has_map_grad = (g.d_maps || g.d_loss) && t.mapped;
       // Fused guided backward: the L1 sign is formed per probability row below, no map tile.
       const bool fused_l1 = in.fused && g.d_loss;
@@ -674,15 +698,16 @@ void backward(const Problem<T>& in, const Products& mm, const Grads<T, typename 
         }
         if (has_map_grad && !fused_l1) {
           for (int64_t r = 0; r < t.rows; ++r) {
-            for (int64_t c = 0; c < s.T; ++c) dp[r * s.N + in.tokens[c]] += e[r * s.T + c];  // repeats add up
+            for (int64_t c = 0; c < s.T; ++c) dp[r * s.N + in.column(c)] += e[r * s.T + c];  // repeats add up
           }
         }
-        // Fused guided backward: dP += sign(P - ref) d_loss / H on the way; then dS = P (dP - Delta) in place.
+        // Fused guided backward: dP += sign(P - ref) d_loss / H on the way; then scale dS = scale P (dP - Delta)
+        // in place, the operand of both dQ and dK.
         softmax_grad_rows(p, dp, fused_l1 ? g.ref + t.map_offset : nullptr,
-                          fused_l1 ? g.d_loss[t.b] / T(s.H) : T(0), t.rows, s.N);
+                          fused_l1 ? g.d_loss[t.b] / T(s.H) : T(0), in.scale, t.rows, s.N);
         const int64_t part = ((t.b * s.H + h) * s.chunks + t.chunk) * s.N * s.D;
-        if (g.dq) mm.grad_q(w, t, h, dp, in.scale, g.dq);
-        if (g.dk_parts) mm.grad_k(w, t, h, dp, in.scale, g.dk_parts + part);
+        if (g.dq) mm.grad_q(w, t, h, dp, g.dq);
+        if (g.dk_parts) mm.grad_k(w, t, h, dp, g.dk_parts + part);
         if (g.dv_parts) mm.grad_v(w, t, h, p, g.dv_parts + part);
       }
     }
@@ -718,7 +743,7 @@ struct Prepared {
   at::ScalarType compute;  // probabilities, maps, loss, dK and dV partials
   at::ScalarType store;    // q, k, v, d_out, out and dQ: bfloat16 on the AMX path, else the compute dtype
   bool all_tokens;         // tokens are 0..N-1 in order
-  at::Tensor q, k, v, tokens;
+  at::Tensor q, k, v, tokens;  // tokens undefined: every token in order
 
   at::Tensor as_compute(const at::Tensor& t) const { return t.to(compute).contiguous(); }
   // (B, H, rows, D) operands are read in place when D is contiguous (and converted only for half inputs
@@ -733,6 +758,7 @@ struct Prepared {
     const Shape& s = shape;
     return at::empty({s.B, s.M, s.H, s.D}, q.options()).transpose(1, 2);
   }
+  std::vector<int64_t> stats_sizes() const { return {shape.B, shape.H, shape.M, 2}; }
   std::vector<int64_t> map_sizes() const {
     const Shape& s = shape;
     const int64_t rows = s.map_b1 - s.map_b0;
@@ -745,7 +771,8 @@ struct Prepared {
   }
   template <typename T>
   Problem<T> problem(double scale) const {
-    return {shape, T(scale), tokens.const_data_ptr<int64_t>(), all_tokens && !shape.head_mean};
+    return {shape, T(scale), tokens.defined() ? tokens.const_data_ptr<int64_t>() : nullptr,
+            all_tokens && !shape.head_mean};
   }
 };
 
@@ -803,23 +830,26 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == H && k.size(3) == D,
               "q, k, v must share B, H and D, and k and v must have the same shape");
   TORCH_CHECK(M > 0 && N > 0, "attention needs at least one query and one key position");
-  // Every token (no index tensor) is the common case: no index checks, no reductions.
-  at::Tensor idx = tokens.has_value() ? tokens->to(at::kLong).contiguous() : at::arange(N, at::kLong);
-  TORCH_CHECK(idx.dim() == 1 && idx.numel() > 0, "tokens must be a non-empty 1-D index tensor");
-  bool all_tokens = idx.numel() == N;
-  const int64_t* ids = idx.const_data_ptr<int64_t>();
+  // Every token (no index tensor) is the common case: no index checks, no index array, no reductions.
+  at::Tensor idx;
+  bool all_tokens = true;
   if (tokens.has_value()) {
+    idx = tokens->to(at::kLong).contiguous();
+    TORCH_CHECK(idx.dim() == 1 && idx.numel() > 0, "tokens must be a non-empty 1-D index tensor");
+    all_tokens = idx.numel() == N;
+    const int64_t* ids = idx.const_data_ptr<int64_t>();
     for (int64_t c = 0; c < idx.numel(); ++c) {
       TORCH_CHECK(ids[c] >= 0 && ids[c] < N, "token indices must lie in [0, ", N, ")");
       all_tokens = all_tokens && ids[c] == c;
     }
   }
+  const int64_t map_columns = idx.defined() ? idx.numel() : N;
   const int64_t group = head_mean ? H : 1;
   const int64_t map_b1 = map_rows.second < 0 ? B : map_rows.second;
   TORCH_CHECK(0 <= map_rows.first && map_rows.first < map_b1 && map_b1 <= B, "map rows [", map_rows.first, ", ",
               map_b1, ") must be a non-empty range of the batch's ", B, " rows");
   const bool amx = q.scalar_type() == at::kBFloat16 && D % 2 == 0 && amx_setting().load() && amx_available();
-  Prepared p{{B, H, M, N, D, idx.numel(), head_mean, group, (M + kTileRows - 1) / kTileRows, map_rows.first, map_b1},
+  Prepared p{{B, H, M, N, D, map_columns, head_mean, group, (M + kTileRows - 1) / kTileRows, map_rows.first, map_b1},
              compute_type(q), amx ? at::kBFloat16 : compute_type(q), all_tokens};
   p.q = p.as_operand(q);
   p.k = p.as_operand(k);
@@ -828,18 +858,19 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Tensor& k,
-                                                           const at::Tensor& v, const OptTensor& ref_in,
-                                                           const OptTensor& tokens, double scale, bool head_mean,
-                                                           std::pair<int64_t, int64_t> map_rows = {0, -1}) {
+// out, and the maps (capture) or the per-tile loss partials and P's row statistics (guided).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& ref_in, const OptTensor& tokens,
+    double scale, bool head_mean, std::pair<int64_t, int64_t> map_rows = {0, -1}) {
   const Prepared p = prepare(q, k, v, tokens, head_mean, map_rows);
   const Shape& s = p.shape;
   auto out = p.new_rows();
-  at::Tensor maps, ref, loss_parts;
+  at::Tensor maps, ref, loss_parts, stats;
   if (ref_in.has_value()) {
     p.check_map(*ref_in, "ref");
     ref = p.as_compute(*ref_in);
     loss_parts = at::empty({s.B, s.groups() * s.chunks}, p.compute_options().dtype(at::kDouble));
+    stats = at::empty(p.stats_sizes(), p.compute_options());
   } else {
     maps = at::empty(p.map_sizes(), p.compute_options());
   }
@@ -848,23 +879,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(const at::Tensor& q, 
     using Store = typename std::decay_t<decltype(mm)>::Store;
     forward(problem, mm, strided<Store>(out), maps.defined() ? maps.mutable_data_ptr<T>() : nullptr,
             ref.defined() ? ref.const_data_ptr<T>() : nullptr,
-            loss_parts.defined() ? loss_parts.mutable_data_ptr<double>() : nullptr);
+            loss_parts.defined() ? loss_parts.mutable_data_ptr<double>() : nullptr,
+            stats.defined() ? stats.mutable_data_ptr<T>() : nullptr);
   });
-  return {out.to(q.scalar_type()), maps, loss_parts};
+  return {out.to(q.scalar_type()), maps, loss_parts, stats};
 }
 
 // Maps of batch rows [map_start, map_stop) (map_stop -1: to the end); out of every row.
 std::tuple<at::Tensor, at::Tensor> capture_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const OptTensor& tokens, double scale, bool head_mean,
                                                      int64_t map_start, int64_t map_stop) {
-  auto [out, maps, unused] = run_forward(q, k, v, std::nullopt, tokens, scale, head_mean, {map_start, map_stop});
+  auto [out, maps, no_loss, no_stats] =
+      run_forward(q, k, v, std::nullopt, tokens, scale, head_mean, {map_start, map_stop});
   return {out, maps};
 }
 
-std::tuple<at::Tensor, at::Tensor> guided_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                    const at::Tensor& ref, const OptTensor& tokens, double scale,
-                                                    bool head_mean) {
-  auto [out, unused, parts] = run_forward(q, k, v, ref, tokens, scale, head_mean);
+// out, the per-sample loss and P's row statistics, (B, H, M, 2), for attention_backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_attention(const at::Tensor& q, const at::Tensor& k,
+                                                                const at::Tensor& v, const at::Tensor& ref,
+                                                                const OptTensor& tokens, double scale,
+                                                                bool head_mean) {
+  auto [out, no_maps, parts, stats] = run_forward(q, k, v, ref, tokens, scale, head_mean);
   // Per sample: sum the tile partials in order, then mean over head groups (a no-op in head-mean mode).
   const int64_t B = parts.size(0), per_sample = parts.size(1), groups = head_mean ? 1 : q.size(1);
   auto loss = at::empty({B}, parts.options());
@@ -875,14 +910,14 @@ std::tuple<at::Tensor, at::Tensor> guided_attention(const at::Tensor& q, const a
     for (int64_t x = 0; x < per_sample; ++x) acc += src[b * per_sample + x];
     dst[b] = acc / double(groups);
   }
-  return {out, loss.to(compute_type(q))};
+  return {out, loss.to(compute_type(q)), stats};
 }
 
 // dQ, dK, dV; a gradient that was not asked for comes back as an empty tensor (ops cannot return None).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& tokens, const OptTensor& d_out,
     const OptTensor& d_maps, const OptTensor& ref, const OptTensor& d_loss, double scale, bool head_mean,
-    bool need_dq, bool need_dk, bool need_dv, int64_t map_start, int64_t map_stop) {
+    bool need_dq, bool need_dk, bool need_dv, int64_t map_start, int64_t map_stop, const OptTensor& stats) {
   const Prepared p = prepare(q, k, v, tokens, head_mean, {map_start, map_stop});
   const Shape& s = p.shape;
   TORCH_CHECK(!(d_maps.has_value() && d_loss.has_value()),
@@ -904,6 +939,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     ref_c = p.as_compute(*ref);
     dloss_c = p.as_compute(*d_loss);
   }
+  at::Tensor stats_c;
+  if (stats.has_value()) {
+    // Converting them would not give back the forward's P: they must be its own.
+    TORCH_CHECK(stats->sizes() == at::IntArrayRef(p.stats_sizes()) && stats->scalar_type() == p.compute,
+                "stats must be the (B, H, M, 2) ", p.compute, " row statistics guided_attention returned for these "
+                "q, k and scale; got ", stats->sizes(), " ", stats->scalar_type());
+    stats_c = stats->contiguous();
+  }
   const auto opts = p.compute_options();
   auto dq = need_dq ? p.new_rows() : at::Tensor();
   auto dk_parts = need_dk ? at::empty({s.B * s.H, s.chunks, s.N, s.D}, opts) : at::Tensor();
@@ -915,8 +958,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     using Store = typename std::decay_t<decltype(mm)>::Store;
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; };
     auto mut = [](at::Tensor& t) { return t.defined() ? t.mutable_data_ptr<T>() : nullptr; };
-    backward(problem, mm, Grads<T, Store>{ptr(dmaps_c), ptr(ref_c), ptr(dloss_c), strided<Store>(dq), mut(dk_parts),
-                                          mut(dv_parts)});
+    backward(problem, mm,
+             Grads<T, Store>{ptr(dmaps_c), ptr(ref_c), ptr(dloss_c), ptr(stats_c), strided<Store>(dq), mut(dk_parts),
+                             mut(dv_parts)});
   });
   auto none = q.new_empty({0});
   auto dq_out = need_dq ? dq.to(q.scalar_type()) : none;
@@ -932,7 +976,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
 
 // ---- autograd --------------------------------------------------------------------------------------
 // Each Function calls its op through the dispatcher below the autograd key (so FakeTensor tracing under
-// torch.compile reaches the registered fake kernels) and saves q, k, v, tokens (and ref), never P.
+// torch.compile reaches the registered fake kernels) and saves q, k, v, tokens (and ref and P's row
+// statistics), never P.
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -950,11 +995,12 @@ struct BackwardFunction : torch::autograd::Function<BackwardFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const OptTensor& tokens, const OptTensor& d_out, const OptTensor& d_maps,
                                const OptTensor& ref, const OptTensor& d_loss, double scale, bool head_mean,
-                               bool need_dq, bool need_dk, bool need_dv, int64_t map_start, int64_t map_stop) {
+                               bool need_dq, bool need_dk, bool need_dv, int64_t map_start, int64_t map_stop,
+                               const OptTensor& stats) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = op_handle<decltype(attention_backward)>("dreamblend_cpp::attention_backward");
     auto [dq, dk, dv] = op.call(q, k, v, tokens, d_out, d_maps, ref, d_loss, scale, head_mean, need_dq, need_dk, need_dv,
-                                map_start, map_stop);
+                                map_start, map_stop, stats);
     return {dq, dk, dv};
   }
   static variable_list backward(AutogradContext*, variable_list) {
@@ -964,13 +1010,14 @@ struct BackwardFunction : torch::autograd::Function<BackwardFunction> {
 
 // dQ, dK, dV for the saved q, k, v: the needed ones only (K and V of frozen text features get none).
 variable_list input_grads(AutogradContext* ctx, const variable_list& saved, const at::Tensor& d_out,
-                          const at::Tensor& d_maps, const at::Tensor& ref, const at::Tensor& d_loss) {
+                          const at::Tensor& d_maps, const at::Tensor& ref, const at::Tensor& d_loss,
+                          const at::Tensor& stats = at::Tensor()) {
   const bool need[3] = {ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)};
   auto grads = BackwardFunction::apply(saved[0], saved[1], saved[2], as_optional(saved[3]), as_optional(d_out),
                                        as_optional(d_maps), as_optional(ref), as_optional(d_loss),
                                        ctx->saved_data["scale"].toDouble(), ctx->saved_data["head_mean"].toBool(),
                                        need[0], need[1], need[2], ctx->saved_data["map_start"].toInt(),
-                                       ctx->saved_data["map_stop"].toInt());
+                                       ctx->saved_data["map_stop"].toInt(), as_optional(stats));
   for (int i = 0; i < 3; ++i) {
     if (!need[i]) grads[i] = at::Tensor();
   }
@@ -1008,14 +1055,16 @@ struct GuidedFunction : torch::autograd::Function<GuidedFunction> {
                                const at::Tensor& ref, const OptTensor& tokens, double scale, bool head_mean) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = op_handle<decltype(guided_attention)>("dreamblend_cpp::guided_attention");
-    auto [out, loss] = op.call(q, k, v, ref, tokens, scale, head_mean);
-    save(ctx, {q, k, v, or_undefined(tokens), ref}, scale, head_mean);
-    return {out, loss};
+    auto [out, loss, stats] = op.call(q, k, v, ref, tokens, scale, head_mean);
+    save(ctx, {q, k, v, or_undefined(tokens), ref, stats}, scale, head_mean);
+    ctx->mark_non_differentiable({stats});
+    return {out, loss, stats};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& d_loss = grads[1];
-    auto g = input_grads(ctx, saved, grads[0], at::Tensor(), d_loss.defined() ? saved[4] : at::Tensor(), d_loss);
+    auto g = input_grads(ctx, saved, grads[0], at::Tensor(), d_loss.defined() ? saved[4] : at::Tensor(), d_loss,
+                         saved[5]);
     return {g[0], g[1], g[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -1027,19 +1076,20 @@ std::tuple<at::Tensor, at::Tensor> capture_autograd(const at::Tensor& q, const a
   return {r[0], r[1]};
 }
 
-std::tuple<at::Tensor, at::Tensor> guided_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                   const at::Tensor& ref, const OptTensor& tokens, double scale,
-                                                   bool head_mean) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_autograd(const at::Tensor& q, const at::Tensor& k,
+                                                               const at::Tensor& v, const at::Tensor& ref,
+                                                               const OptTensor& tokens, double scale,
+                                                               bool head_mean) {
   auto r = GuidedFunction::apply(q, k, v, ref, tokens, scale, head_mean);
-  return {r[0], r[1]};
+  return {r[0], r[1], r[2]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& tokens, const OptTensor& d_out,
     const OptTensor& d_maps, const OptTensor& ref, const OptTensor& d_loss, double scale, bool head_mean,
-    bool need_dq, bool need_dk, bool need_dv, int64_t map_start, int64_t map_stop) {
+    bool need_dq, bool need_dk, bool need_dv, int64_t map_start, int64_t map_stop, const OptTensor& stats) {
   auto r = BackwardFunction::apply(q, k, v, tokens, d_out, d_maps, ref, d_loss, scale, head_mean, need_dq, need_dk,
-                                   need_dv, map_start, map_stop);
+                                   need_dv, map_start, map_stop, stats);
   return {r[0], r[1], r[2]};
 }
 
@@ -1049,11 +1099,13 @@ TORCH_LIBRARY(dreamblend_cpp, m) {
   // map_start/map_stop: the batch rows [start, stop) that keep maps (stop -1: to the end).
   m.def("capture_attention(Tensor q, Tensor k, Tensor v, Tensor? tokens, float scale, bool head_mean, "
         "int map_start=0, int map_stop=-1) -> (Tensor, Tensor)");
+  // guided_attention -> (out, loss, stats): P's (B, H, M, 2) row statistics, which attention_backward takes
+  // to rebuild the same P without its max and sum passes.
   m.def("guided_attention(Tensor q, Tensor k, Tensor v, Tensor ref, Tensor? tokens, float scale, bool head_mean) "
-        "-> (Tensor, Tensor)");
+        "-> (Tensor, Tensor, Tensor)");
   m.def("attention_backward(Tensor q, Tensor k, Tensor v, Tensor? tokens, Tensor? d_out, Tensor? d_maps, "
         "Tensor? ref, Tensor? d_loss, float scale, bool head_mean, bool need_dq, bool need_dk, bool need_dv, "
-        "int map_start=0, int map_stop=-1) -> (Tensor, Tensor, Tensor)");
+        "int map_start=0, int map_stop=-1, Tensor? stats=None) -> (Tensor, Tensor, Tensor)");
   // The float row kernels' instruction set: 0 portable, 1 AVX2, 2 AVX-512; returns the previous one.
   m.def("simd_level(int level=-1) -> int", &simd_level);
   m.def("simd_detected() -> int", [] { return int64_t(detected_simd()); });

@@ -23,29 +23,58 @@ inline V exp_nonpositive(V x) {
   return select_ge(x, -87.3f, mul(p, pow2(max(n, set1(-126.0f)))));
 }
 
+// exp(scale * x - shift) for a row's body; the tail takes where_tail's -inf for its masked-off lanes.
+inline V shifted_exp(V x, V scale, V shift) { return exp_nonpositive(sub(mul(x, scale), shift)); }
+inline V tail_scores(const float* x, Tail tail, V scale) {
+  return where_tail(tail, mul(load_tail(x, tail, 0.0f), scale), -INFINITY);
+}
+
 // Row-wise softmax of scale * scores (the scale multiplies first, so any sign works). The tail vector stays
-// in a register between passes: a masked store read back by a masked load misses store forwarding.
-void softmax_rows(const float* scores, float* probs, int64_t rows, int64_t n, float scale) {
+// in a register between passes: a masked store read back by a masked load misses store forwarding. With
+// `stats`, each row's (shift, 1 / sum) pair is written to stats[2 r], stats[2 r + 1] for exp_rows.
+void softmax_rows(const float* scores, float* probs, int64_t rows, int64_t n, float scale, float* stats) {
   const int64_t body = n - n % W;
   const Tail tail = tail_of(n % W);
   const V w = set1(scale);
   for (int64_t r = 0; r < rows; ++r) {
     const float* x = scores + r * n;
     float* y = probs + r * n;
-    const V x_tail = where_tail(tail, mul(load_tail(x + body, tail, 0.0f), w), -INFINITY);
+    const V x_tail = tail_scores(x + body, tail, w);
     V top = x_tail;
     for (int64_t c = 0; c < body; c += W) top = max(top, mul(load(x + c), w));
-    const V shift = set1(hmax(top));
+    const float top_1 = hmax(top);
+    const V shift = set1(top_1);
     const V e_tail = exp_nonpositive(sub(x_tail, shift));  // 0 in masked-off lanes
     V sum = e_tail;
     for (int64_t c = 0; c < body; c += W) {
-      const V e = exp_nonpositive(sub(mul(load(x + c), w), shift));
+      const V e = shifted_exp(load(x + c), w, shift);
       store(y + c, e);
       sum = add(sum, e);
     }
-    const V inv = set1(1.0f / hsum(sum));
+    const float inv_1 = 1.0f / hsum(sum);
+    const V inv = set1(inv_1);
     for (int64_t c = 0; c < body; c += W) store(y + c, mul(load(y + c), inv));
     store_tail(y + body, tail, mul(e_tail, inv));
+    if (stats) {
+      stats[2 * r] = top_1;
+      stats[2 * r + 1] = inv_1;
+    }
+  }
+}
+
+// The probabilities softmax_rows wrote, rebuilt from the same scores and its row statistics in one pass:
+// the same operations on the same values, so bitwise the same P (the backward's recompute without the
+// max and sum passes).
+void exp_rows(const float* scores, float* probs, int64_t rows, int64_t n, float scale, const float* stats) {
+  const int64_t body = n - n % W;
+  const Tail tail = tail_of(n % W);
+  const V w = set1(scale);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = scores + r * n;
+    float* y = probs + r * n;
+    const V shift = set1(stats[2 * r]), inv = set1(stats[2 * r + 1]);
+    for (int64_t c = 0; c < body; c += W) store(y + c, mul(shifted_exp(load(x + c), w, shift), inv));
+    store_tail(y + body, tail, mul(exp_nonpositive(sub(tail_scores(x + body, tail, w), shift)), inv));
   }
 }
 
@@ -66,11 +95,13 @@ double l1_rows(const float* a, const float* b, int64_t rows, int64_t n) {
 }
 
 // Softmax backward in place: dP += w sign(P - ref) first when ref is given (the L1 loss's gradient,
-// fused guided case), then Delta = rowsum(P dP) and dS = P (dP - Delta).
-void softmax_grad_rows(const float* probs, float* d_probs, const float* ref, float w, int64_t rows, int64_t n) {
+// fused guided case), then Delta = rowsum(P dP) and dS = P (dP - Delta), written times `scale` (the softmax
+// scale: dQ and dK both take scale dS).
+void softmax_grad_rows(const float* probs, float* d_probs, const float* ref, float w, float scale, int64_t rows,
+                       int64_t n) {
   const int64_t body = n - n % W;
   const Tail tail = tail_of(n % W);
-  const V weight = set1(w);
+  const V weight = set1(w), out_scale = set1(scale);
   for (int64_t r = 0; r < rows; ++r) {
     const float* p = probs + r * n;
     float* d = d_probs + r * n;
@@ -89,7 +120,7 @@ void softmax_grad_rows(const float* probs, float* d_probs, const float* ref, flo
       delta = fmadd(pc, dc, delta);
     }
     const V shift = set1(hsum(delta));
-    for (int64_t c = 0; c < body; c += W) store(d + c, mul(load(p + c), sub(load(d + c), shift)));
-    store_tail(d + body, tail, mul(p_tail, sub(d_tail, shift)));
+    for (int64_t c = 0; c < body; c += W) store(d + c, mul(mul(load(p + c), sub(load(d + c), shift)), out_scale));
+    store_tail(d + body, tail, mul(mul(p_tail, sub(d_tail, shift)), out_scale));
   }
 }

@@ -17,6 +17,7 @@ import torch
 
 from dreamblend import ops
 from dreamblend.ops import cpp
+from dreamblend.ops.reference import compute_dtype
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -365,6 +366,39 @@ def test_backward_keeps_no_probabilities_alive():
         _, loss = ops.guided_attention(q, k, v, ref, tokens=[0, 1], backend="cpp")
     assert loss.grad_fn is not None and len(saved) >= 3  # q, k, v (and ref, tokens) were saved
     assert max(t.numel() for t in saved) < b * h * m * n
+    # What it keeps of P instead: two numbers per row, which the backward rebuilds P from.
+    assert any(t.shape == (b, h, m, 2) for t in saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tokens", [None, [0, 38, 38, 76]], ids=["all_tokens", "subset"])
+@pytest.mark.parametrize("head_mean", [False, True], ids=["per_head", "head_mean"])
+def test_backward_rebuilds_the_forwards_probabilities_bitwise(simd, head_mean, tokens, dtype):
+    """P rebuilt from the guided forward's row statistics is the P a full softmax recomputes, to the bit:
+    every gradient is identical with and without them. M = 301: a full and a partial row tile."""
+    q, k, v = (t.detach().to(dtype) for t in make_qkv(2, 3, 301, 77, 40))
+    idx = None if tokens is None else torch.tensor(tokens)
+    ref = reference_map_with_margin(*(t.double() for t in (q, k, v)), tokens, head_mean).to(compute_dtype(q))
+    _, loss, stats = torch.ops.dreamblend_cpp.guided_attention(q, k, v, ref, idx, 0.3, head_mean)
+    assert stats.shape == (2, 3, 301, 2) and stats.dtype == loss.dtype
+    g = torch.Generator().manual_seed(3)
+    d_out = torch.randn(q.shape, generator=g).to(dtype)
+    d_loss = torch.rand(2, generator=g).to(loss.dtype) + 0.5
+    args = (q, k, v, idx, d_out, None, ref, d_loss, 0.3, head_mean, True, True, True, 0, -1)
+    rebuilt = torch.ops.dreamblend_cpp.attention_backward(*args, stats)
+    recomputed = torch.ops.dreamblend_cpp.attention_backward(*args)
+    for name, a, b in zip(["dq", "dk", "dv"], rebuilt, recomputed, strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_backward_refuses_row_statistics_of_another_shape_or_dtype():
+    q, k, v = (t.detach().float() for t in make_qkv(1, 2, 4, 7, 8))
+    ref = torch.rand(1, 2, 4, 7)
+    _, _, stats = torch.ops.dreamblend_cpp.guided_attention(q, k, v, ref, None, 0.3, False)
+    args = (q, k, v, None, None, None, ref, torch.ones(1), 0.3, False, True, False, False, 0, -1)
+    for bad in (stats[:, :1], stats.double()):
+        with pytest.raises(RuntimeError, match=r"stats must be the \(B, H, M, 2\) Float row statistics"):
+            torch.ops.dreamblend_cpp.attention_backward(*args, bad)
 
 
 def test_ops_pass_torch_library_checks():

@@ -174,8 +174,9 @@ def _capture_fake(
 
 def _guided_fake(
     q: Tensor, k: Tensor, v: Tensor, ref: Tensor, tokens: Tensor | None, scale: float, head_mean: bool
-) -> tuple[Tensor, Tensor]:
-    return _rows_like(q), q.new_empty(q.shape[0], dtype=compute_dtype(q))
+) -> tuple[Tensor, Tensor, Tensor]:
+    stats = q.new_empty(*q.shape[:3], 2, dtype=compute_dtype(q))
+    return _rows_like(q), q.new_empty(q.shape[0], dtype=compute_dtype(q)), stats
 
 
 def _backward_fake(
@@ -194,6 +195,7 @@ def _backward_fake(
     need_dv: bool,
     map_start: int = 0,
     map_stop: int = -1,
+    stats: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     def grad(like: Tensor, needed: bool) -> Tensor:
         return like.new_empty(like.shape if needed else (0,))
@@ -236,7 +238,8 @@ def guided_attention(
 ):
     """``(out, loss)`` of DESIGN §2 with the per-sample L1 loss against ``ref``."""
     _require()
-    return torch.ops.dreamblend_cpp.guided_attention(q, k, v, ref, tokens, scale, head_mean)
+    out, loss, _row_stats = torch.ops.dreamblend_cpp.guided_attention(q, k, v, ref, tokens, scale, head_mean)
+    return out, loss
 
 
 SIMD_LEVELS = ("portable", "avx2", "avx512")

@@ -181,11 +181,10 @@ def test_double_backward_is_refused():
 
 def test_bitwise_deterministic_across_runs_and_close_across_thread_counts():
     """Tiles and their partial sums have a fixed order, so a rerun is identical to the bit. The tile
-    GEMMs are ATen's (MKL/oneDNN), whose blocking depends on the thread count, so 1 and 2 threads
-    agree within float32 rounding only (8e-7 measured on an AVX-512/AMX Xeon). With
-    MKL_NUM_THREADS=1 the first call at 2 threads differs from later ones by 5e-7 (MKL's first GEMM
-    in a new OpenMP worker; the same shapes through any op then repeat bitwise), so each thread count
-    is warmed up once before its reruns are compared."""
+    products differ with the thread count (ATen's GEMMs on one thread, oneDNN's brgemm on several),
+    so 1 and 2 threads agree within float32 rounding only. Each thread count is warmed up once before
+    its reruns are compared (MKL's first GEMM in a new OpenMP worker differed from later ones by 5e-7
+    when MKL_NUM_THREADS=1)."""
     q, k, v = make_qkv(2, 4, 300, 77, 40, dtype=torch.float32)
     ref = reference_map_with_margin(q, k, v, None, False)
 
@@ -240,6 +239,30 @@ def test_every_simd_level_matches_float64(simd, op, tokens):
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref32 = None if ref is None else ref.float()
     out, second, grads = run_op(op, "cpp", q32, k32, v32, ref32, tokens, False, "both")
+    torch.testing.assert_close(out.double(), out64, **F32_VS_F64)
+    torch.testing.assert_close(second.double(), second64, **F32_VS_F64)
+    for grad, grad64 in zip(grads, grads64, strict=True):
+        torch.testing.assert_close(grad.double(), grad64, **F32_VS_F64)
+
+
+@pytest.mark.parametrize("head_mean", [False, True], ids=["per_head", "head_mean"])
+@pytest.mark.parametrize("op", ["capture", "guided"])
+@pytest.mark.parametrize("b,h,m,n,d", SHAPES)
+def test_float32_on_several_threads_matches_float64(b, h, m, n, d, op, head_mean):
+    """On several threads the float32 products are oneDNN's batch-reduce micro-kernel (on one thread,
+    ATen's GEMMs, which the other tests run): outputs, maps or loss and dQ, dK, dV against float64."""
+    q, k, v = make_qkv(b, h, m, n, d)
+    tokens = token_subset(n) if (b + m) % 2 == 0 else None
+    ref = reference_map_with_margin(q, k, v, tokens, head_mean) if op == "guided" else None
+    out64, second64, grads64 = run_op(op, "torch", q, k, v, ref, tokens, head_mean, "both")
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ref32 = None if ref is None else ref.float()
+        out, second, grads = run_op(op, "cpp", q32, k32, v32, ref32, tokens, head_mean, "both")
+    finally:
+        torch.set_num_threads(threads)
     torch.testing.assert_close(out.double(), out64, **F32_VS_F64)
     torch.testing.assert_close(second.double(), second64, **F32_VS_F64)
     for grad, grad64 in zip(grads, grads64, strict=True):

@@ -583,48 +583,51 @@ struct AmxProducts {
 // oneDNN has no float32 micro-kernel (no AVX-512), torch's brgemm runs its GEMM instead.
 struct BrgemmProducts {
   using Store = float;
+  // The (D, N) transposes of one operand (k or v) for the heads of the head group a chunk works on:
+  // a chunk's tiles run group by group, so each head is transposed once per chunk.
+  struct Transposes {
+    std::vector<float> data;
+    std::vector<bool> made;
+    int64_t group = -1;  // b * H + first head of the group they belong to
+  };
+  // Per parallel chunk: k^T for S, v^T for dP, and dS or P transposed (N, rows), the A operand of dK and dV.
   struct Scratch {
-    std::vector<float> t;  // (N, rows): dS or P transposed, the A operand of dK and dV
-    explicit Scratch(const Shape& s) : t(s.N * kTileRows) {}
+    Transposes keys_t, values_t;
+    std::vector<float> t;
+    explicit Scratch(const Shape&) {}
     ~Scratch() { cpublas::brgemm_release(/*is_vnni=*/false); }
   };
   Shape s;
-  Strided<float> q, k, v, d_out;
-  // Per (batch, head), (D, N): k^T for S and, when there is a dO, v^T for dP. K and V themselves are read
-  // in place (B operands of O and dQ), as are q and dO.
-  std::vector<float> keys_t, values_t;
+  Strided<float> q, k, v, d_out;  // all read in place: K and V are the B operands of O and dQ
 
-  BrgemmProducts(const Shape& shape, Strided<float> q_, Strided<float> k_, Strided<float> v_,
-                 Strided<float> d_out_)
-      : s(shape), q(q_), k(k_), v(v_), d_out(d_out_) {
-    const int64_t heads = s.B * s.H, size = s.D * s.N;
-    keys_t.resize(heads * size);
-    values_t.resize(d_out ? heads * size : 0);
-    at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        transpose(k.at(i / s.H, i % s.H, 0), k.sr, keys_t.data() + i * size);
-        if (d_out) transpose(v.at(i / s.H, i % s.H, 0), v.sr, values_t.data() + i * size);
-      }
-    });
-  }
-  // (N, D) rows of stride ld -> (D, N).
-  void transpose(const float* src, int64_t ld, float* dst) const {
-    for (int64_t n = 0; n < s.N; ++n) {
-      for (int64_t d = 0; d < s.D; ++d) dst[d * s.N + n] = src[n * ld + d];
+  // Head h's (D, N) transpose of x (k or v), made the first time the chunk needs it for the tile's group.
+  const float* transposed(const Strided<float>& x, const Tile& t, int64_t h, Transposes& c) const {
+    const int64_t size = s.D * s.N, group = t.b * s.H + t.h0, j = h - t.h0;
+    if (c.group != group) {
+      c.data.resize(s.group * size);
+      c.made.assign(s.group, false);
+      c.group = group;
     }
-  }
-  const float* head_t(const std::vector<float>& all, const Tile& t, int64_t h) const {
-    return all.data() + (t.b * s.H + h) * s.D * s.N;
+    float* dst = c.data.data() + j * size;
+    if (!c.made[j]) {
+      const float* src = x.at(t.b, h, 0);
+      for (int64_t n = 0; n < s.N; ++n) {
+        for (int64_t d = 0; d < s.D; ++d) dst[d * s.N + n] = src[n * x.sr + d];
+      }
+      c.made[j] = true;
+    }
+    return dst;
   }
 
-  void scores(Scratch&, const Tile& t, int64_t h, float* out) const {
-    cpublas::brgemm(t.rows, s.N, s.D, q.sr, s.N, s.N, false, q.at(t.b, h, t.r0), head_t(keys_t, t, h), out);
+  void scores(Scratch& w, const Tile& t, int64_t h, float* out) const {
+    cpublas::brgemm(t.rows, s.N, s.D, q.sr, s.N, s.N, false, q.at(t.b, h, t.r0), transposed(k, t, h, w.keys_t), out);
   }
   void attend(Scratch&, const Tile& t, int64_t h, const float* p, const Strided<float>& out) const {
     cpublas::brgemm(t.rows, s.D, s.N, s.N, v.sr, out.sr, false, p, v.at(t.b, h, 0), out.at(t.b, h, t.r0));
   }
-  void d_probs(Scratch&, const Tile& t, int64_t h, float* dp) const {
-    cpublas::brgemm(t.rows, s.N, s.D, d_out.sr, s.N, s.N, false, d_out.at(t.b, h, t.r0), head_t(values_t, t, h), dp);
+  void d_probs(Scratch& w, const Tile& t, int64_t h, float* dp) const {
+    cpublas::brgemm(t.rows, s.N, s.D, d_out.sr, s.N, s.N, false, d_out.at(t.b, h, t.r0),
+                    transposed(v, t, h, w.values_t), dp);
   }
   void grad_q(Scratch&, const Tile& t, int64_t h, const float* ds, const Strided<float>& dq) const {
     cpublas::brgemm(t.rows, s.D, s.N, s.N, k.sr, dq.sr, false, ds, k.at(t.b, h, 0), dq.at(t.b, h, t.r0));
@@ -638,6 +641,7 @@ struct BrgemmProducts {
   // part (N, D) = x^T rows for the tile's (rows, N) float rows x and (rows, D) rows of stride ld.
   void transposed_product(Scratch& w, const Tile& t, const float* x, const float* rows, int64_t ld,
                           float* part) const {
+    w.t.resize(s.N * kTileRows);
     for (int64_t r = 0; r < t.rows; ++r) {
       for (int64_t n = 0; n < s.N; ++n) w.t[n * t.rows + r] = x[r * s.N + n];
     }
@@ -878,8 +882,8 @@ void with_products(const Prepared& p, double scale, const at::Tensor& d_out, boo
     return;
   }
   if (p.compute == at::kFloat && at::get_num_threads() > 1) {
-    const BrgemmProducts mm(p.shape, strided<float>(p.q), strided<float>(p.k), strided<float>(p.v),
-                            strided<float>(d_out));
+    const BrgemmProducts mm{p.shape, strided<float>(p.q), strided<float>(p.k), strided<float>(p.v),
+                            strided<float>(d_out)};
     fn(p.problem<float>(scale), mm);
     return;
   }

@@ -17,7 +17,8 @@
 //
 // The matrix products run through ATen's GEMMs in the compute dtype (float32 for half inputs), except
 // for bfloat16 inputs on CPUs with AMX, which multiply bf16 operands in place with float32 accumulation
-// (AmxProducts); softmax, maps, loss and the softmax backward are float32 on every path.
+// (AmxProducts), and for float32 on several threads, which takes oneDNN's micro-kernel (BrgemmProducts);
+// softmax, maps, loss and the softmax backward are float32 on every path.
 //
 // Capture can keep maps for a range of batch rows only while computing every row's output: the
 // conditional half of a classifier-free-guidance batch, in one call instead of a second attention

@@ -499,7 +499,23 @@ void brgemm_rows(int64_t rows, int64_t k, int64_t n, const BF16* a, int64_t lda,
   }
 }
 
-struct AmxProducts {
+// dK = (scale dS)^T Q and dV = P^T dO for products whose A operand must be transposed explicitly: each
+// passes the tile's (rows, N) float rows and its q or dO rows to its own transposed_product.
+template <typename Products>
+struct TransposedGrads {
+  template <typename Scratch>
+  void grad_k(Scratch& w, const Tile& t, int64_t h, const float* ds, float* part) const {
+    const Products& mm = static_cast<const Products&>(*this);
+    mm.transposed_product(w, t, ds, mm.q.at(t.b, h, t.r0), mm.q.sr, part);
+  }
+  template <typename Scratch>
+  void grad_v(Scratch& w, const Tile& t, int64_t h, const float* p, float* part) const {
+    const Products& mm = static_cast<const Products&>(*this);
+    mm.transposed_product(w, t, p, mm.d_out.at(t.b, h, t.r0), mm.d_out.sr, part);
+  }
+};
+
+struct AmxProducts : TransposedGrads<AmxProducts> {
   using Store = BF16;
   // Working memory of one parallel chunk; its end hands back the AMX tile state the thread configured.
   struct Scratch {
@@ -561,13 +577,8 @@ struct AmxProducts {
     brgemm_rows(t.rows, s.N, s.D, w.a.data(), ld, b, w.c.data(), s.D);
     for (int64_t r = 0; r < t.rows; ++r) to_bf16(w.c.data() + r * s.D, rows.at(t.b, h, t.r0 + r), s.D);
   }
-  // dK and dV: (N, rows) A operands (transposed, rounded) against the tile's q or dO rows packed as B.
-  void grad_k(Scratch& w, const Tile& t, int64_t h, const float* ds, float* part) const {
-    transposed_product(w, t, ds, q.at(t.b, h, t.r0), q.sr, part);
-  }
-  void grad_v(Scratch& w, const Tile& t, int64_t h, const float* p, float* part) const {
-    transposed_product(w, t, p, d_out.at(t.b, h, t.r0), d_out.sr, part);
-  }
+  // dK and dV (TransposedGrads): (N, rows) A operands (transposed, rounded) against the tile's q or dO rows
+  // packed as B.
   void transposed_product(Scratch& w, const Tile& t, const float* x, const BF16* rows, int64_t ld,
                           float* part) const {
     const int64_t lda = round_up(t.rows, 2);
@@ -582,7 +593,7 @@ struct AmxProducts {
 // 77, one head per call) took 244 us through at::mm against 312 us on 1 thread, and 160 us (333 on 1
 // thread) through brgemm. On one thread ATen's GEMMs stay (3-8 % faster there on the q k^T shapes). Where
 // oneDNN has no float32 micro-kernel (no AVX-512), torch's brgemm runs its GEMM instead.
-struct BrgemmProducts {
+struct BrgemmProducts : TransposedGrads<BrgemmProducts> {
   using Store = float;
   // The (D, N) transposes of one operand (k or v) for the heads of the head group a chunk works on:
   // a chunk's tiles run group by group, so each head is transposed once per chunk.
@@ -633,13 +644,7 @@ struct BrgemmProducts {
   void grad_q(Scratch&, const Tile& t, int64_t h, const float* ds, const Strided<float>& dq) const {
     cpublas::brgemm(t.rows, s.D, s.N, s.N, k.sr, dq.sr, false, ds, k.at(t.b, h, 0), dq.at(t.b, h, t.r0));
   }
-  void grad_k(Scratch& w, const Tile& t, int64_t h, const float* ds, float* part) const {
-    transposed_product(w, t, ds, q.at(t.b, h, t.r0), q.sr, part);
-  }
-  void grad_v(Scratch& w, const Tile& t, int64_t h, const float* p, float* part) const {
-    transposed_product(w, t, p, d_out.at(t.b, h, t.r0), d_out.sr, part);
-  }
-  // part (N, D) = x^T rows for the tile's (rows, N) float rows x and (rows, D) rows of stride ld.
+  // dK and dV (TransposedGrads): part (N, D) = x^T rows for the tile's (rows, N) float rows x and (rows, D) rows of stride ld.
   void transposed_product(Scratch& w, const Tile& t, const float* x, const float* rows, int64_t ld,
                           float* part) const {
     w.t.resize(s.N * kTileRows);
@@ -883,7 +888,7 @@ void with_products(const Prepared& p, double scale, const at::Tensor& d_out, boo
     return;
   }
   if (p.compute == at::kFloat && at::get_num_threads() > 1) {
-    const BrgemmProducts mm{p.shape, strided<float>(p.q), strided<float>(p.k), strided<float>(p.v),
+    const BrgemmProducts mm{{}, p.shape, strided<float>(p.q), strided<float>(p.k), strided<float>(p.v),
                             strided<float>(d_out)};
     fn(p.problem<float>(scale), mm);
     return;

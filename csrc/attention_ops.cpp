@@ -701,10 +701,13 @@ void forward(const Problem<T>& in, const Products& mm, const Strided<typename Pr
     at::AutoDispatchBelowADInplaceOrView guard;
     typename Products::Scratch w(s);
     const bool map_tile = !in.fused && !maps;  // the guided loss reads a separate map tile
-    std::vector<T> scores(kTileRows * s.N), probs(s.group * kTileRows * s.N), map(map_tile ? kTileRows * s.T : 0);
+    // Fused capture: the probability rows are the map rows, so softmax writes into the maps (from scores
+    // in a cache-resident tile: the softmax in place on the map rows was slower).
+    const bool all_into_maps = in.fused && maps && s.map_b0 == 0 && s.map_b1 == s.B;
+    std::vector<T> scores(kTileRows * s.N), probs(all_into_maps ? 0 : s.group * kTileRows * s.N),
+        map(map_tile ? kTileRows * s.T : 0);
     for (int64_t i = begin; i < end; ++i) {
       const Tile t = locate(s, i);
-      // Fused capture: the probability rows are the map rows, so softmax writes into the maps.
       T* p = in.fused && maps && t.mapped ? maps + t.map_offset : probs.data();
       tile_probs(in, mm, w, t, scores.data(), p, stats, nullptr);
       for (int64_t j = 0; j < s.group; ++j) mm.attend(w, t, t.h0 + j, p + j * t.rows * s.N, out);
@@ -744,15 +747,15 @@ void backward(const Problem<T>& in, const Products& mm, const Grads<T, typename 
   at::parallel_for(0, s.tiles(), 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView guard;
     typename Products::Scratch w(s);
+    // Fused guided backward: the L1 sign is formed per probability row below, no map tile.
+    const bool fused_l1 = in.fused && g.d_loss;
     std::vector<T> scores(kTileRows * s.N), probs(s.group * kTileRows * s.N), d_probs(kTileRows * s.N),
-        e(kTileRows * s.T);
+        e(g.d_maps || (g.d_loss && !fused_l1) ? kTileRows * s.T : 0);
     for (int64_t i = begin; i < end; ++i) {
       const Tile t = locate(s, i);
       const int64_t elems = t.rows * s.T;
       tile_probs(in, mm, w, t, scores.data(), probs.data(), nullptr, g.stats);
       const bool has_map_grad = (g.d_maps || g.d_loss) && t.mapped;
-      // Fused guided backward: the L1 sign is formed per probability row below, no map tile.
-      const bool fused_l1 = in.fused && g.d_loss;
       if (g.d_maps && t.mapped) {
         // A head-mean map spreads its gradient over the heads with weight 1/H.
         const T inv_group = T(1) / T(s.group);

@@ -17,6 +17,12 @@ pix2pix-zero does), ``sdpa_recompute`` (SDPA output plus ``softmax(q k^T)`` reco
 of a recomputing implementation alone, two for capture and five for guided, in the reference's
 batched form; a bound on what any implementation built on them can reach).
 
+Bound: the matrix products of the pass as the eager reference runs them (it keeps P: two for
+capture, four for guided, ``2 B H M N D`` FLOPs each) at this machine's measured matrix-product peak
+(``peak_gflops``: the best rate of large contiguous ``torch.mm`` calls in the dtype, same thread count),
+the least time any implementation of the pass can take here. A target of 1.5x the torch reference can
+only be met where that reference's time / 1.5 is at least the bound.
+
 Time: median of ``--repeats`` perf_counter-timed calls after ``--warmup`` (compilation included in
 the warmup). Memory: the peak resident memory a call adds above what was resident before it,
 measured in a child process whose glibc returns every large block to the kernel at once
@@ -162,6 +168,31 @@ def cases(args: argparse.Namespace):
                         yield model, m, heads, d, batch, dtype, kind
 
 
+PEAK_SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), (4096, 256, 256))  # (m, k, n) of the peak's products
+
+
+def pass_flops(kind: str, m: int, heads: int, d: int, batch: int) -> int:
+    """FLOPs of the pass's products as the reference runs them: q k^T and P V, then dO V^T and dS K."""
+    products = 2 if kind == "capture" else 4
+    return products * 2 * batch * heads * m * TEXT_TOKENS * d
+
+
+def matmul_peak_gflops(dtype: torch.dtype, repeats: int = 5) -> float:
+    """Best matrix-product rate of this machine in ``dtype`` at the current thread count."""
+    best = 0.0
+    for m, k, n in PEAK_SHAPES:
+        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+        calls = max(2, int(2e9 / (2 * m * k * n)))  # about 2 GFLOP per timing
+        for _ in range(2):
+            a @ b
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(calls):
+                a @ b
+            best = max(best, 2 * m * k * n * calls / (time.perf_counter() - start) / 1e9)
+    return best
+
+
 def time_ms(fn: Callable, inputs: tuple, warmup: int, repeats: int) -> dict:
     for _ in range(warmup):
         fn(*inputs)
@@ -253,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     memory = {} if args.no_memory else measure_memory(args)
     shared = environment(args)
+    peaks = {dtype: round(matmul_peak_gflops(DTYPES[dtype]), 1) for dtype in args.dtypes}
+    print("matrix-product peak (GFLOPS): " + ", ".join(f"{k} {v}" for k, v in peaks.items()), flush=True)
     for case in cases(args):
         model, m, heads, d, batch, dtype, kind = case
         inputs = make_problem(m, heads, d, batch, DTYPES[dtype])
@@ -275,12 +308,19 @@ def main(argv: list[str] | None = None) -> None:
                 "repeats": 3 * per_round,
                 "peak_bytes": memory.get((*case, name)),
             }
+        flops = pass_flops(kind, m, heads, d, batch)
+        bound = {"gemm_flops": flops, "peak_gflops": peaks[dtype], "ms": round(flops / peaks[dtype] / 1e6, 4)}
         cpp_ms = rows["cpp"]["median_ms"] if "cpp" in rows else None
         line = f"{model} M={m} H={heads} D={d} b{batch} {dtype} {kind}:"
         for name, row in rows.items():
             ratio = f" ({row['median_ms'] / cpp_ms:.2f}x cpp)" if cpp_ms else ""
             mib = "" if row["peak_bytes"] is None else f", +{row['peak_bytes'] / 2**20:.1f} MiB"
             line += f"\n  {name:15s} {row['median_ms']:8.2f} ms{ratio}{mib}"
+        line += f"\n  {'bound':15s} {bound['ms']:8.2f} ms (the reference's products at {peaks[dtype]} GFLOPS)"
+        if "torch" in rows:
+            needed = rows["torch"]["median_ms"] / 1.5
+            verdict = "reachable" if needed >= bound["ms"] else "below the bound: out of reach"
+            line += f"; 1.5x the torch reference: {needed:.2f} ms, {verdict}"
         print(line, flush=True)
         if not args.no_save:
             args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -294,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
                         "dtype": dtype,
                         "pass": kind,
                         "impl": name,
+                        "bound": bound,
                         **row,
                     }
                     f.write(json.dumps(record) + "\n")

@@ -40,3 +40,16 @@ def test_gemm_bound_returns_what_the_pass_returns() -> None:
 def test_peak_bytes_measures_a_call() -> None:
     peak = bench_cpu_ops.peak_bytes(lambda: torch.ones(64, 2**20).sum(), ())
     assert peak is None or peak >= 0
+
+
+def test_pass_flops_count_the_reference_products() -> None:
+    """Capture: q k^T and P V; guided adds dO V^T and dS K; 2 B H M N D FLOPs each (N = 77 tokens)."""
+    one = 2 * 2 * 3 * 96 * 77 * 16
+    assert bench_cpu_ops.pass_flops("capture", 96, 3, 16, batch=2) == 2 * one
+    assert bench_cpu_ops.pass_flops("guided", 96, 3, 16, batch=2) == 4 * one
+
+
+def test_matmul_peak_is_a_measured_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench_cpu_ops, "PEAK_SHAPES", ((64, 32, 48),))
+    peak = bench_cpu_ops.matmul_peak_gflops(torch.float32, repeats=2)
+    assert 0.01 < peak < 1e5  # GFLOPS: a 2-core CPU runs a few hundred at most; zero would mean no timing

@@ -15,7 +15,8 @@ reference backend: custom autograd Functions that recompute P in the backward), 
 pix2pix-zero does), ``sdpa_recompute`` (SDPA output plus ``softmax(q k^T)`` recomputed for the maps),
 ``sdpa`` (attention with no maps: the floor) and ``gemms`` (no attention at all: the matrix products
 of a recomputing implementation alone, two for capture and five for guided, in the reference's
-batched form; a bound on what any implementation built on them can reach).
+batched form: what those products cost through ``torch.matmul``, which at these shapes runs well
+below the machine's peak, so not a bound; the bound is below).
 
 Bound: the matrix products of the pass as the eager reference runs them (it keeps P: two for
 capture, four for guided, ``2 B H M N D`` FLOPs each) at this machine's measured matrix-product peak

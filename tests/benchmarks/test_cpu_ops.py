@@ -49,7 +49,13 @@ def test_pass_flops_count_the_reference_products() -> None:
     assert bench_cpu_ops.pass_flops("guided", 96, 3, 16, batch=2) == 4 * one
 
 
-def test_matmul_peak_is_a_measured_rate(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bench_cpu_ops, "PEAK_SHAPES", ((64, 32, 48),))
-    peak = bench_cpu_ops.matmul_peak_gflops(torch.float32, repeats=2)
-    assert 0.01 < peak < 1e5  # GFLOPS: a 2-core CPU runs a few hundred at most; zero would mean no timing
+def test_matmul_peak_is_the_best_timed_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLOPs of the timed calls over the fastest timing: a clock that advances 1 s per reading except
+    for one 0.5 s timing gives exactly twice the rate of the others."""
+    m, k, n = 64, 32, 48
+    monkeypatch.setattr(bench_cpu_ops, "PEAK_SHAPES", ((m, k, n),))
+    readings = iter([0.0, 1.0, 10.0, 10.5, 20.0, 21.0])  # start, stop of three timings
+    monkeypatch.setattr(bench_cpu_ops.time, "perf_counter", lambda: next(readings))
+    calls = int(2e9 / (2 * m * k * n))
+    peak = bench_cpu_ops.matmul_peak_gflops(torch.float32, repeats=3)
+    assert peak == pytest.approx(2 * m * k * n * calls / 0.5 / 1e9)

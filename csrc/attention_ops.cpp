@@ -858,18 +858,19 @@ struct Prepared {
   }
 };
 
-// Whether bfloat16 inputs take the AMX products (tests switch it off to run the float32 ones too).
-std::atomic<bool>& amx_setting() {
-  static std::atomic<bool> enabled{true};
-  return enabled;
-}
-
 bool amx_available() {
 #ifdef DREAMBLEND_X86_SIMD
   return amx_supported();
 #else
   return false;
 #endif
+}
+
+// Whether bfloat16 inputs take the AMX products: on where the CPU has them (tests switch it off to run the
+// float32 ones too); off, and reported off, where it does not.
+std::atomic<bool>& amx_setting() {
+  static std::atomic<bool> enabled{amx_available()};
+  return enabled;
 }
 
 // Switches the AMX products on (1) or off (0) and returns the previous setting; -1 only reads it.
@@ -936,7 +937,7 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   const int64_t map_b1 = map_rows.second < 0 ? B : map_rows.second;
   TORCH_CHECK(0 <= map_rows.first && map_rows.first < map_b1 && map_b1 <= B, "map rows [", map_rows.first, ", ",
               map_b1, ") must be a non-empty range of the batch's ", B, " rows");
-  const bool amx = q.scalar_type() == at::kBFloat16 && D % 2 == 0 && amx_setting().load() && amx_available();
+  const bool amx = q.scalar_type() == at::kBFloat16 && D % 2 == 0 && amx_setting().load();
   Prepared p{{B, H, M, N, D, map_columns, head_mean, group, (M + kTileRows - 1) / kTileRows, map_rows.first, map_b1},
              compute_type(q), amx ? at::kBFloat16 : compute_type(q), all_tokens};
   p.q = p.as_operand(q);

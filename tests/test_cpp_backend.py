@@ -347,6 +347,8 @@ def test_amx_products_are_bitwise_identical_across_thread_counts():
 def test_use_amx_refuses_where_unavailable():
     if cpp.amx_available():
         pytest.skip("this CPU has AMX: the refusal is for CPUs without it")
+    assert cpp.use_amx() is False  # reported off, so a caller that saves and restores the setting can
+    assert cpp.use_amx(False) is False  # restore it (the float32 `products` fixture does)
     with pytest.raises(RuntimeError, match="no AMX bfloat16 products"):
         cpp.use_amx(True)
 

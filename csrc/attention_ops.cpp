@@ -16,9 +16,10 @@
 // probability rows instead of going through a separate (rows, T) map tile.
 //
 // The matrix products run through ATen's GEMMs in the compute dtype (float32 for half inputs), except
-// for bfloat16 inputs on CPUs with AMX, which multiply bf16 operands in place with float32 accumulation
-// (AmxProducts), and for float32 on several threads, which takes oneDNN's micro-kernel (BrgemmProducts);
-// softmax, maps, loss and the softmax backward are float32 on every path.
+// for bfloat16 inputs on CPUs with AVX512-BF16 (AMX or not), which multiply bf16 operands in place with
+// float32 accumulation (Bf16Products), and for float32 wherever oneDNN's micro-kernel beats MKL's GEMMs
+// (BrgemmProducts: several threads, or a CPU that is not Intel's); softmax, maps, loss and the softmax
+// backward are float32 on every path.
 //
 // Capture can keep maps for a range of batch rows only while computing every row's output: the
 // conditional half of a classifier-free-guidance batch, in one call instead of a second attention
@@ -28,6 +29,7 @@
 // autograd wrapper costs about 0.15 ms per layer and guided step (measured on the toy world's UNet,
 // where that was a few percent of the step), and the backward needs nothing Python offers.
 
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -362,7 +364,7 @@ void softmax_grad_rows(const double* probs, double* d_probs, const double* ref, 
 // ---- the matrix products of a tile ------------------------------------------------------------------
 // Per head h of a tile: S = q k^T (unscaled: the softmax applies the scale), O = P V, dP = dO V^T,
 // dQ = (scale dS) K, dK = (scale dS)^T Q and dV = P^T dO (the softmax backward writes scale dS). Two implementations behind one interface keep the
-// tile loops below written once: ATen's GEMMs on compute-dtype operands, and AMX on bfloat16 ones.
+// tile loops below written once: ATen's GEMMs on compute-dtype operands, and brgemm on bfloat16 ones.
 // `Store` is the element type of q, k, v, d_out and of the out and dQ rows written; `Scratch` is the
 // per-thread working memory of one parallel chunk.
 
@@ -410,13 +412,15 @@ struct AtenProducts {
 };
 
 #ifdef DREAMBLEND_X86_SIMD
-// bfloat16 operands on AMX through oneDNN's batch-reduce GEMM micro-kernel, which ATen exports
+// bfloat16 operands through oneDNN's batch-reduce GEMM micro-kernel, which ATen exports
 // (at::native::cpublas::brgemm): bf16 x bf16 products accumulated in float32, as the Triton kernels'
 // tl.dot. q k^T and dO V^T multiply the inputs as given, read in place; P V, dS K, dS^T Q and P^T dO take
 // P and scale * dS rounded to bfloat16 (the Triton kernels round P and dS too). ATen's bf16 GEMMs would
 // round their float32 results to bfloat16, and upcasting to float32 GEMMs cost twice the time: on one
 // Sapphire Rapids core, (256 x 40) (40 x 77) took 5.8 us here against 12.7 us in float32 and 24.6 us
-// through torch.mm in bf16.
+// through torch.mm in bf16. Without AMX, oneDNN runs the same calls on AVX512-BF16's dot products: on one
+// AMD EPYC (Zen 4) core, 190-215 GFLOPS at (256 x 40) (40 x 77) and (256 x 64) (64 x 128), twice that
+// core's float32 peak.
 using BF16 = at::BFloat16;
 namespace cpublas = at::native::cpublas;
 
@@ -434,7 +438,7 @@ int64_t packed_size(int64_t k, int64_t n) { return round_up(k, 2) * packed_cols(
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
 #endif
-// dst[c] = bf16(src[c]), rounded to nearest even (every AMX CPU has AVX512-BF16).
+// dst[c] = bf16(src[c]), rounded to nearest even.
 void to_bf16(const float* src, BF16* dst, int64_t n) {
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
@@ -453,9 +457,10 @@ void to_bf16(const float* src, BF16* dst, int64_t n) {
 #pragma GCC pop_options
 #endif
 
-bool amx_supported() {
+// ATen's brgemm takes oneDNN's micro-kernel only while oneDNN is enabled (torch.backends.mkldnn).
+bool bf16_products_supported() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16") && cpublas::could_pack(at::kBFloat16);
+  return __builtin_cpu_supports("avx512bf16") && at::globalContext().userEnabledMkldnn();
 }
 
 // (rows, n) float rows -> bf16 rows with row stride ld >= n; the columns past n are zeroed.
@@ -475,16 +480,23 @@ void round_transposed(const float* src, int64_t rows, int64_t n, BF16* dst, int6
 }
 
 // Packs the (k, n) operand B for brgemm into dst (packed_size(k, n)): B's rows are src's rows (stride
-// ld), or with `transposed` its columns (B = src^T for src (n, k)). `stage` holds the zero-padded copy.
-void pack_b(const BF16* src, int64_t ld, bool transposed, int64_t k, int64_t n, BF16* stage, BF16* dst) {
+// ld), or with `transposed` its columns (B = src^T for src (n, k)). Each column block of `width` holds row
+// pairs interleaved, element (r, c) at ((r / 2) * width + c) * 2 + r % 2, zero past k and n: oneDNN's
+// layout for bf16 B on AMX and AVX512-BF16 alike (ATen's cpublas::pack makes it only on AMX CPUs).
+void pack_b(const BF16* src, int64_t ld, bool transposed, int64_t k, int64_t n, BF16* dst) {
   const int64_t kp = round_up(k, 2), np = packed_cols(n);
-  std::fill(stage, stage + kp * np, BF16(0.0f));
-  for (int64_t r = 0; r < k; ++r) {
-    for (int64_t c = 0; c < n; ++c) stage[r * np + c] = transposed ? src[c * ld + r] : src[r * ld + c];
-  }
-  for (int64_t c0 = 0; c0 < n; c0 += 64) {
-    const int64_t width = std::min<int64_t>(64, np - c0);
-    cpublas::pack(kp, width, np, width, at::kBFloat16, at::kBFloat16, stage + c0, dst + kp * c0);
+  const BF16 zero(0.0f);
+  for (int64_t c0 = 0; c0 < np; c0 += 64) {
+    const int64_t width = std::min<int64_t>(64, np - c0), live = std::max<int64_t>(0, std::min(width, n - c0));
+    BF16* block = dst + kp * c0;
+    for (int64_t r = 0; r < kp; ++r) {
+      BF16* out = block + (r / 2) * width * 2 + r % 2;
+      int64_t c = 0;
+      if (r < k) {
+        for (; c < live; ++c) out[2 * c] = transposed ? src[(c0 + c) * ld + r] : src[r * ld + c0 + c];
+      }
+      for (; c < width; ++c) out[2 * c] = zero;
+    }
   }
 }
 
@@ -515,15 +527,14 @@ struct TransposedGrads {
   }
 };
 
-struct AmxProducts : TransposedGrads<AmxProducts> {
+struct Bf16Products : TransposedGrads<Bf16Products> {
   using Store = BF16;
   // Working memory of one parallel chunk; its end hands back the AMX tile state the thread configured.
   struct Scratch {
-    std::vector<BF16> a, stage, packed;  // an A operand rounded to bf16; a tile operand packed as B
-    std::vector<float> c;                // a product before it is rounded into bf16 rows
+    std::vector<BF16> a, packed;  // an A operand rounded to bf16; a tile operand packed as B
+    std::vector<float> c;         // a product before it is rounded into bf16 rows
     explicit Scratch(const Shape& s)
         : a(std::max(kTileRows * round_up(s.N, 2), s.N * round_up(kTileRows, 2))),
-          stage(packed_size(kTileRows, s.D)),
           packed(packed_size(kTileRows, s.D)),
           c(kTileRows * s.D) {}
     ~Scratch() { cpublas::brgemm_release(/*is_vnni=*/true); }
@@ -533,7 +544,7 @@ struct AmxProducts : TransposedGrads<AmxProducts> {
   // Per (batch, head), packed once per call: k^T for S, v for O, v^T for dP, k for dQ (the ones needed).
   std::vector<BF16> keys_t, values, values_t, keys;
 
-  AmxProducts(const Shape& shape, Strided<BF16> q_, Strided<BF16> k_, Strided<BF16> v_, Strided<BF16> d_out_,
+  Bf16Products(const Shape& shape, Strided<BF16> q_, Strided<BF16> k_, Strided<BF16> v_, Strided<BF16> d_out_,
               bool attend, bool grad_q)
       : s(shape), q(q_), k(k_), v(v_), d_out(d_out_) {
     const int64_t kt = packed_size(s.D, s.N), kv = packed_size(s.N, s.D), heads = s.B * s.H;
@@ -542,13 +553,12 @@ struct AmxProducts : TransposedGrads<AmxProducts> {
     values_t.resize(d_out ? heads * kt : 0);
     keys.resize(grad_q ? heads * kv : 0);
     at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<BF16> stage(std::max(kt, kv));
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / s.H, h = i % s.H;
-        pack_b(k.at(b, h, 0), k.sr, /*transposed=*/true, s.D, s.N, stage.data(), keys_t.data() + i * kt);
-        if (attend) pack_b(v.at(b, h, 0), v.sr, false, s.N, s.D, stage.data(), values.data() + i * kv);
-        if (d_out) pack_b(v.at(b, h, 0), v.sr, true, s.D, s.N, stage.data(), values_t.data() + i * kt);
-        if (grad_q) pack_b(k.at(b, h, 0), k.sr, false, s.N, s.D, stage.data(), keys.data() + i * kv);
+        pack_b(k.at(b, h, 0), k.sr, /*transposed=*/true, s.D, s.N, keys_t.data() + i * kt);
+        if (attend) pack_b(v.at(b, h, 0), v.sr, false, s.N, s.D, values.data() + i * kv);
+        if (d_out) pack_b(v.at(b, h, 0), v.sr, true, s.D, s.N, values_t.data() + i * kt);
+        if (grad_q) pack_b(k.at(b, h, 0), k.sr, false, s.N, s.D, keys.data() + i * kv);
       }
     });
   }
@@ -583,7 +593,7 @@ struct AmxProducts : TransposedGrads<AmxProducts> {
                           float* part) const {
     const int64_t lda = round_up(t.rows, 2);
     round_transposed(x, t.rows, s.N, w.a.data(), lda);
-    pack_b(rows, ld, false, t.rows, s.D, w.stage.data(), w.packed.data());
+    pack_b(rows, ld, false, t.rows, s.D, w.packed.data());
     brgemm_rows(s.N, t.rows, s.D, w.a.data(), lda, w.packed.data(), part, s.D);
   }
 };
@@ -591,8 +601,8 @@ struct AmxProducts : TransposedGrads<AmxProducts> {
 // Inside our parallel region MKL's sgemm still plans for torch's thread count and takes its packing path
 // on these small tile products: on 2 threads, q k^T for SD1.5's 256-query layer (8 heads of 256 x 160 x
 // 77, one head per call) took 244 us through at::mm against 312 us on 1 thread, and 160 us (333 on 1
-// thread) through brgemm. On one thread ATen's GEMMs stay (3-8 % faster there on the q k^T shapes). Where
-// oneDNN has no float32 micro-kernel (no AVX-512), torch's brgemm runs its GEMM instead.
+// thread) through brgemm. float32_brgemm says where it runs on one thread. Where oneDNN has no float32
+// micro-kernel (no AVX-512), torch's brgemm runs its GEMM instead.
 struct BrgemmProducts : TransposedGrads<BrgemmProducts> {
   using Store = float;
   // The (D, N) transposes of one operand (k or v) for the heads of the head group a chunk works on:
@@ -823,13 +833,13 @@ at::Tensor sum_chunks(const at::Tensor& parts) {
 struct Prepared {
   Shape shape;
   at::ScalarType compute;  // probabilities, maps, loss, dK and dV partials
-  at::ScalarType store;    // q, k, v, d_out, out and dQ: bfloat16 on the AMX path, else the compute dtype
+  at::ScalarType store;    // q, k, v, d_out, out and dQ: bfloat16 on the bf16 path, else the compute dtype
   bool all_tokens;         // tokens are 0..N-1 in order
   at::Tensor q, k, v, tokens;  // tokens undefined: every token in order
 
   at::Tensor as_compute(const at::Tensor& t) const { return t.to(compute).contiguous(); }
   // (B, H, rows, D) operands are read in place when D is contiguous (and converted only for half inputs
-  // off the AMX path).
+  // off the bf16 path).
   at::Tensor as_operand(const at::Tensor& t) const {
     at::Tensor c = t.to(store);
     return c.stride(3) == 1 ? c : c.contiguous();
@@ -858,40 +868,55 @@ struct Prepared {
   }
 };
 
-bool amx_available() {
+bool bf16_products_available() {
 #ifdef DREAMBLEND_X86_SIMD
-  return amx_supported();
+  return bf16_products_supported();
 #else
   return false;
 #endif
 }
 
-// Whether bfloat16 inputs take the AMX products: on where the CPU has them (tests switch it off to run the
+// Whether bfloat16 inputs take the bf16 products: on where the CPU has them (tests switch it off to run the
 // float32 ones too); off, and reported off, where it does not.
-std::atomic<bool>& amx_setting() {
-  static std::atomic<bool> enabled{amx_available()};
+std::atomic<bool>& bf16_setting() {
+  static std::atomic<bool> enabled{bf16_products_available()};
   return enabled;
 }
 
-// Switches the AMX products on (1) or off (0) and returns the previous setting; -1 only reads it.
-bool use_amx(int64_t enable) {
-  TORCH_CHECK(enable <= 0 || amx_available(), "this CPU (or this torch build) has no AMX bfloat16 products");
-  return enable < 0 ? amx_setting().load() : amx_setting().exchange(enable > 0);
+// Switches the bf16 products on (1) or off (0) and returns whether they were in use; -1 only reads that.
+bool use_bf16_products(int64_t enable) {
+  TORCH_CHECK(enable <= 0 || bf16_products_available(),
+              "this CPU has no AVX512-BF16 (or torch's oneDNN is off): no bfloat16 products");
+  const bool previous = enable < 0 ? bf16_setting().load() : bf16_setting().exchange(enable > 0);
+  return previous && bf16_products_available();
 }
 
-// Calls fn(problem, products) with the products that suit the prepared operands: AMX for bfloat16 (an even
+// float32 products through oneDNN's micro-kernel (BrgemmProducts) rather than ATen's GEMMs: on several
+// threads (see BrgemmProducts), and on one thread where MKL, which ATen's float32 GEMMs call, is not on
+// its maker's CPU. One Sapphire Rapids core ran the op's q k^T shapes 3-8 % faster through MKL; one AMD
+// EPYC (Zen 4) core ran the whole op 18-28 % faster through brgemm (SD1.5 and SDXL layers, both passes).
+bool float32_brgemm() {
+#ifdef DREAMBLEND_X86_SIMD
+  static const bool intel = (__builtin_cpu_init(), __builtin_cpu_is("intel"));
+  return at::get_num_threads() > 1 || !intel;
+#else
+  return false;
+#endif
+}
+
+// Calls fn(problem, products) with the products that suit the prepared operands: brgemm for bfloat16 (an even
 // D: q and dO are A operands read in place, whose K = D pairs up), ATen's GEMMs otherwise. `attend`: the
 // forward's O = P V is computed; `grad_q`: the backward's dQ. d_out may be undefined.
 template <typename Fn>
 void with_products(const Prepared& p, double scale, const at::Tensor& d_out, bool attend, bool grad_q, Fn&& fn) {
 #ifdef DREAMBLEND_X86_SIMD
   if (p.store == at::kBFloat16) {
-    const AmxProducts mm(p.shape, strided<BF16>(p.q), strided<BF16>(p.k), strided<BF16>(p.v), strided<BF16>(d_out),
-                         attend, grad_q);
+    const Bf16Products mm(p.shape, strided<BF16>(p.q), strided<BF16>(p.k), strided<BF16>(p.v), strided<BF16>(d_out),
+                          attend, grad_q);
     fn(p.problem<float>(scale), mm);
     return;
   }
-  if (p.compute == at::kFloat && at::get_num_threads() > 1) {
+  if (p.compute == at::kFloat && float32_brgemm()) {
     const BrgemmProducts mm{{}, p.shape, strided<float>(p.q), strided<float>(p.k), strided<float>(p.v),
                             strided<float>(d_out)};
     fn(p.problem<float>(scale), mm);
@@ -937,9 +962,10 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   const int64_t map_b1 = map_rows.second < 0 ? B : map_rows.second;
   TORCH_CHECK(0 <= map_rows.first && map_rows.first < map_b1 && map_b1 <= B, "map rows [", map_rows.first, ", ",
               map_b1, ") must be a non-empty range of the batch's ", B, " rows");
-  const bool amx = q.scalar_type() == at::kBFloat16 && D % 2 == 0 && amx_setting().load();
+  const bool bf16 = q.scalar_type() == at::kBFloat16 && D % 2 == 0 && bf16_setting().load() &&
+                    bf16_products_available();
   Prepared p{{B, H, M, N, D, map_columns, head_mean, group, (M + kTileRows - 1) / kTileRows, map_rows.first, map_b1},
-             compute_type(q), amx ? at::kBFloat16 : compute_type(q), all_tokens};
+             compute_type(q), bf16 ? at::kBFloat16 : compute_type(q), all_tokens};
   p.q = p.as_operand(q);
   p.k = p.as_operand(k);
   p.v = p.as_operand(v);
@@ -1198,9 +1224,9 @@ TORCH_LIBRARY(dreamblend_cpp, m) {
   // The float row kernels' instruction set: 0 portable, 1 AVX2, 2 AVX-512; returns the previous one.
   m.def("simd_level(int level=-1) -> int", &simd_level);
   m.def("simd_detected() -> int", [] { return int64_t(detected_simd()); });
-  // Whether bfloat16 inputs use the AMX products: 1 on, 0 off, -1 only reads; returns the previous setting.
-  m.def("use_amx(int enable=-1) -> bool", &use_amx);
-  m.def("amx_available() -> bool", &amx_available);
+  // Whether bfloat16 inputs use the bf16 products: 1 on, 0 off, -1 only reads; returns the previous setting.
+  m.def("use_bf16_products(int enable=-1) -> bool", &use_bf16_products);
+  m.def("bf16_products_available() -> bool", &bf16_products_available);
 }
 
 TORCH_LIBRARY_IMPL(dreamblend_cpp, CPU, m) {

@@ -269,19 +269,19 @@ def test_float32_on_several_threads_matches_float64(b, h, m, n, d, op, head_mean
         torch.testing.assert_close(grad.double(), grad64, **F32_VS_F64)
 
 
-@pytest.fixture(params=["amx", "float32"])
+@pytest.fixture(params=["bf16", "float32"])
 def products(request):
-    """The matrix products bfloat16 inputs take: AMX where the CPU has it (skipped elsewhere, where it is
-    never picked), and the float32 ones that every other CPU runs."""
-    if request.param == "amx" and not cpp.amx_available():
-        pytest.skip("this CPU (or torch build) has no AMX bfloat16 products")
-    previous = cpp.use_amx(request.param == "amx")
+    """The matrix products bfloat16 inputs take: bf16 ones where the CPU has AVX512-BF16 (skipped elsewhere,
+    where they are never picked), and the float32 ones that every other CPU runs."""
+    if request.param == "bf16" and not cpp.bf16_products_available():
+        pytest.skip("this CPU (or torch build) has no bfloat16 products")
+    previous = cpp.use_bf16_products(request.param == "bf16")
     yield request.param
-    cpp.use_amx(previous)
+    cpp.use_bf16_products(previous)
 
 
 # bfloat16 inputs against float64 on the same (bf16-valued) inputs. Every output and gradient element
-# carries at most two roundings to bfloat16 (unit roundoff u = 2^-8): its own, and on the AMX path that of
+# carries at most two roundings to bfloat16 (unit roundoff u = 2^-8): its own, and on the bf16 path that of
 # one operand (P or scale * dS); q k^T and dO V^T are exact products summed in float32. So the error is
 # within 2u of the result's scale, norm-wise and at the largest element. Maps and loss stay float32.
 BF16_U = 2.0**-8
@@ -308,7 +308,8 @@ def test_bfloat16_products_match_float64_within_rounding(products, op, tokens, d
 
 
 def test_bfloat16_with_an_odd_head_dim_stays_within_rounding(products):
-    """AMX reads q k^T's K = D in pairs, so an odd D goes to the float32 products under either setting."""
+    """The bf16 products read q k^T's K = D in pairs, so an odd D goes to the float32 ones under either
+    setting."""
     q, k, v = (t.detach().bfloat16().requires_grad_() for t in make_qkv(1, 2, 37, 77, 33))
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     out64, maps64, grads64 = run_op("capture", "torch", q64, k64, v64, None, None, False, "both")
@@ -318,11 +319,11 @@ def test_bfloat16_with_an_odd_head_dim_stays_within_rounding(products):
         assert (got.double() - want).norm() <= 2 * BF16_U * want.norm()
 
 
-def test_amx_products_are_bitwise_identical_across_thread_counts():
-    """Each tile's AMX micro-kernel calls and partial sums are the same whatever thread runs them, so
-    bf16 results on that path are identical to the bit at 1 and 2 threads (ATen's GEMMs are not)."""
-    if not cpp.amx_available():
-        pytest.skip("this CPU (or torch build) has no AMX bfloat16 products")
+def test_bf16_products_are_bitwise_identical_across_thread_counts():
+    """Each tile's micro-kernel calls and partial sums are the same whatever thread runs them, so bf16
+    results on that path are identical to the bit at 1 and 2 threads (ATen's GEMMs are not)."""
+    if not cpp.bf16_products_available():
+        pytest.skip("this CPU (or torch build) has no bfloat16 products")
     q, k, v = (t.detach().bfloat16().requires_grad_() for t in make_qkv(2, 4, 300, 77, 40))
     ref = reference_map_with_margin(q, k, v, None, False).float()
 
@@ -344,13 +345,26 @@ def test_amx_products_are_bitwise_identical_across_thread_counts():
         assert torch.equal(a, b)
 
 
-def test_use_amx_refuses_where_unavailable():
-    if cpp.amx_available():
-        pytest.skip("this CPU has AMX: the refusal is for CPUs without it")
-    assert cpp.use_amx() is False  # reported off, so a caller that saves and restores the setting can
-    assert cpp.use_amx(False) is False  # restore it (the float32 `products` fixture does)
-    with pytest.raises(RuntimeError, match="no AMX bfloat16 products"):
-        cpp.use_amx(True)
+def test_bf16_products_are_refused_and_not_taken_where_unavailable():
+    """With torch's oneDNN off, as on a CPU without AVX512-BF16, the bf16 products are reported off (so a
+    caller that saves and restores the setting can), refused, and bf16 inputs take the float32 ones."""
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in make_qkv(1, 2, 37, 77, 40))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out64, maps64, grads64 = run_op("capture", "torch", q64, k64, v64, None, None, False, "both")
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        assert not cpp.bf16_products_available()
+        assert cpp.use_bf16_products() is False
+        with pytest.raises(RuntimeError, match="no bfloat16 products"):
+            cpp.use_bf16_products(True)
+        out, maps, grads = run_op("capture", "cpp", q, k, v, None, None, False, "both")
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+    torch.testing.assert_close(maps.double(), maps64, **F32_VS_F64)
+    for got, want in zip([out, *grads], [out64, *grads64], strict=True):
+        # Each element rounded once to bf16 (at most u of it) from a float32 result (1e-6 off, relatively).
+        assert (got.double() - want).norm() <= 1.001 * BF16_U * want.norm()
 
 
 def test_softmax_rows_underflow_to_zero_and_stay_normalized(simd):

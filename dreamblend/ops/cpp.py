@@ -26,7 +26,7 @@ from dreamblend.ops.reference import compute_dtype
 __all__ = [
     "AVAILABLE",
     "UNAVAILABLE_REASON",
-    "amx_available",
+    "bf16_products_available",
     "build",
     "build_directory",
     "capture_attention",
@@ -34,7 +34,7 @@ __all__ = [
     "guided_attention",
     "simd_level",
     "simd_levels",
-    "use_amx",
+    "use_bf16_products",
 ]
 
 _NAME = "dreamblend_cpp"
@@ -261,17 +261,18 @@ def simd_level(level: str | None = None) -> str:
     return SIMD_LEVELS[torch.ops.dreamblend_cpp.simd_level(code)]
 
 
-def amx_available() -> bool:
-    """Whether bfloat16 inputs can take the AMX products (an AMX CPU and a torch with oneDNN's brgemm)."""
+def bf16_products_available() -> bool:
+    """Whether bfloat16 inputs can take bf16 matrix products with float32 accumulation: a CPU with
+    AVX512-BF16 (AMX or not) and torch's oneDNN enabled (``torch.backends.mkldnn``)."""
     _require()
-    return torch.ops.dreamblend_cpp.amx_available()
+    return torch.ops.dreamblend_cpp.bf16_products_available()
 
 
-def use_amx(enabled: bool | None = None) -> bool:
-    """Whether bfloat16 inputs use the AMX products (on by default where available); with ``enabled``,
-    switch and return the previous setting: tests run the float32 products too, as CPUs without AMX do."""
+def use_bf16_products(enabled: bool | None = None) -> bool:
+    """Whether bfloat16 inputs use the bf16 products (on by default where available); with ``enabled``,
+    switch and return whether they were in use: tests run the float32 products too, as other CPUs do."""
     _require()
-    return torch.ops.dreamblend_cpp.use_amx(-1 if enabled is None else int(enabled))
+    return torch.ops.dreamblend_cpp.use_bf16_products(-1 if enabled is None else int(enabled))
 
 
 AVAILABLE = False

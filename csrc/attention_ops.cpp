@@ -545,7 +545,7 @@ struct Bf16Products : TransposedGrads<Bf16Products> {
   std::vector<BF16> keys_t, values, values_t, keys;
 
   Bf16Products(const Shape& shape, Strided<BF16> q_, Strided<BF16> k_, Strided<BF16> v_, Strided<BF16> d_out_,
-              bool attend, bool grad_q)
+               bool attend, bool grad_q)
       : s(shape), q(q_), k(k_), v(v_), d_out(d_out_) {
     const int64_t kt = packed_size(s.D, s.N), kv = packed_size(s.N, s.D), heads = s.B * s.H;
     keys_t.resize(heads * kt);
@@ -905,7 +905,8 @@ bool float32_brgemm() {
 }
 
 // Calls fn(problem, products) with the products that suit the prepared operands: brgemm for bfloat16 (an even
-// D: q and dO are A operands read in place, whose K = D pairs up), ATen's GEMMs otherwise. `attend`: the
+// D: q and dO are A operands read in place, whose K = D pairs up) and for float32 where float32_brgemm says,
+// ATen's GEMMs otherwise. `attend`: the
 // forward's O = P V is computed; `grad_q`: the backward's dQ. d_out may be undefined.
 template <typename Fn>
 void with_products(const Prepared& p, double scale, const at::Tensor& d_out, bool attend, bool grad_q, Fn&& fn) {

@@ -457,10 +457,11 @@ void to_bf16(const float* src, BF16* dst, int64_t n) {
 #pragma GCC pop_options
 #endif
 
-// ATen's brgemm takes oneDNN's micro-kernel only while oneDNN is enabled (torch.backends.mkldnn).
+// ATen's brgemm takes oneDNN's micro-kernel only while oneDNN is enabled (torch.backends.mkldnn), which
+// can change between calls; the CPU cannot.
 bool bf16_products_supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16") && at::globalContext().userEnabledMkldnn();
+  static const bool cpu = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16"));
+  return cpu && at::globalContext().userEnabledMkldnn();
 }
 
 // (rows, n) float rows -> bf16 rows with row stride ld >= n; the columns past n are zeroed.

@@ -1,0 +1,246 @@
+"""Paired rounds: which guided peer steps faster, with a confidence interval, on a machine that drifts.
+
+On a shared few-core VM one peer's guided step spreads 5-15 % from process to process and from step
+to step, more than the few percent by which the peers' attention paths differ, and timing each peer
+in a block of its own (:mod:`benchmarks.e2e`) lets a slow minute fall on one peer. Here the peers of
+one (model, dtype, batch) share one process and G/E pair, in rounds: each round every peer, in an
+order rotated round by round, runs ``--settle`` untimed and ``--block`` timed guided steps. A peer's
+block median is divided by the reference peer's of the same round; the median of those ratios, a
+bootstrap 95 % interval over rounds and the rounds the peer was faster in say which is faster and by
+how much. Peak memory is not measured here (one process holds every peer); :mod:`benchmarks.e2e`
+measures it one process per configuration.
+
+    python -m benchmarks.paired --models sd15 --dtypes float32 --batches 1 --rounds 12
+    python -m benchmarks.paired --models toyworld --dtypes bfloat16 --batches 1 4 --rounds 40 --block 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.e2e import ALL_MODELS, DTYPES, ROOT, build_pair, environment, summarize
+from benchmarks.models import TEXT_TOKENS, make_inputs
+from benchmarks.peers import PEERS, attached
+from benchmarks.workloads import Run, lockstep, sampler_for
+from dreamblend.ops import resolved_backend_name
+from dreamblend.pipelines.blend import resolve_alpha
+
+__all__ = ["bootstrap_median_ci", "main", "paired_ratios", "rotation"]
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "paired.jsonl"
+DEFAULT_PEERS = ("guided_floor", "eager", "sdpa_recompute")
+
+
+def rotation(peers: Sequence[str], round_index: int) -> list[str]:
+    """Round ``round_index``'s order: ``peers`` rotated left by the round number, so every peer
+    runs in every position (first after a slow minute, last before one) equally often."""
+    shift = round_index % len(peers)
+    return [*peers[shift:], *peers[:shift]]
+
+
+def paired_ratios(blocks: Sequence[float], reference: Sequence[float]) -> list[float]:
+    """Per round, a peer's block median over the reference peer's block median of the same round."""
+    if len(blocks) != len(reference):
+        raise ValueError(f"{len(blocks)} rounds for the peer but {len(reference)} for the reference")
+    return [peer / ref for peer, ref in zip(blocks, reference, strict=True)]
+
+
+def bootstrap_median_ci(values: Sequence[float], resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95 % interval of the median of ``values`` (rounds resampled with
+    replacement; a fixed seed so a record can be recomputed from its ratios)."""
+    data = torch.tensor(values, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(data), (resamples, len(data)), generator=generator)
+    medians = data[picks].quantile(0.5, dim=1)
+    low, high = medians.quantile(torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return low, high
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="benchmarks.paired", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=sorted(ALL_MODELS), default=["toyworld"])
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1])
+    parser.add_argument(
+        "--peers",
+        nargs="+",
+        choices=sorted(name for name, peer in PEERS.items() if peer.workload == "guided"),
+        default=list(DEFAULT_PEERS),
+        help="guided peers to time beside the reference (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--reference", choices=sorted(PEERS), help="peer the ratios divide by (default: ours, backend auto)"
+    )
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--block", type=int, default=1, help="timed steps per peer per round")
+    parser.add_argument("--settle", type=int, default=1, help="untimed steps after a peer is installed")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps of every peer before round 1")
+    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        help="start no new round after this many seconds (every configuration still runs 2)",
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    if args.rounds < 2 or args.block < 1 or min(args.settle, args.warmup) < 0 or min(args.batches) < 1:
+        parser.error("need --rounds >= 2, --block >= 1, --settle and --warmup >= 0 and positive batches")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    if args.reference is None:
+        args.reference = f"ours_{resolved_backend_name('auto', torch.device(args.device))}"
+    args.peers = [args.reference, *(name for name in dict.fromkeys(args.peers) if name != args.reference)]
+    for name in args.peers:
+        reason = PEERS[name].unavailable(torch.device(args.device))
+        if reason is not None:
+            parser.error(f"peer {name} cannot run on {args.device}: {reason}")
+    return args
+
+
+def run_rounds(
+    args: argparse.Namespace, model: str, dtype: str, batch: int, deadline: float
+) -> dict[str, list[list[float]]]:
+    """Each peer's timed steps (ms), one list per round, every peer's rounds in the same order."""
+    device = torch.device(args.device)
+    spec = ALL_MODELS[model]
+    models, failed = build_pair(spec, DTYPES[dtype], device)
+    if models is None:
+        raise RuntimeError(f"{model} {dtype}: {failed['error'] if failed else 'not built'}")
+    times: dict[str, list[list[float]]] = {name: [] for name in args.peers}
+    # Round -1 is the warm-up: every peer once, untimed (first calls create oneDNN primitives and
+    # fill allocator caches at these shapes).
+    for round_index in range(-1 if args.warmup else 0, args.rounds):
+        if round_index >= 2 and time.monotonic() > deadline:
+            print(f"time budget spent after {round_index} rounds", flush=True)
+            break
+        for name in rotation(args.peers, max(round_index, 0)):
+            peer = PEERS[name]
+            with attached(peer, models) as capture:
+                latents, cond = make_inputs(models[0], spec, batch, args.guidance_scale, device)
+                run = Run(spec, *models, capture, latents, cond, peer.workload)
+                sampler, timesteps = sampler_for(run, 50)
+                i = len(timesteps) // 2  # the middle step of a 50-step schedule, as benchmarks.e2e
+                for _ in range(args.warmup if round_index < 0 else args.settle):
+                    lockstep(sampler, run.workload, i, timesteps[i], latents, latents)
+                if round_index < 0:
+                    continue
+                block = []
+                for _ in range(args.block):
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    start = time.perf_counter()
+                    lockstep(sampler, run.workload, i, timesteps[i], latents, latents)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    block.append((time.perf_counter() - start) * 1e3)
+            times[name].append(block)
+        if round_index < 0:
+            continue
+        line = ", ".join(f"{name} {torch.tensor(times[name][-1]).median().item():.1f}" for name in args.peers)
+        print(f"{model} {dtype} b{batch} round {round_index + 1}: {line} ms", flush=True)
+    return times
+
+
+def records(
+    args: argparse.Namespace, model: str, dtype: str, batch: int, times: dict[str, list[list[float]]]
+) -> list[dict[str, Any]]:
+    """One record per peer: its step times' summary and its paired ratio to the reference."""
+    spec = ALL_MODELS[model]
+    device = torch.device(args.device)
+
+    def block_medians(name: str) -> list[float]:
+        return [torch.tensor(block, dtype=torch.float64).median().item() for block in times[name]]
+
+    reference = block_medians(args.reference)
+    shared = environment(device, smoke=False)
+    out = []
+    for name in args.peers:
+        steps = [t for block in times[name] for t in block]
+        out.append(
+            {
+                **shared,
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "model": spec.name,
+                "resolution": spec.resolution,
+                "latent_size": spec.config()["sample_size"],
+                "text_tokens": TEXT_TOKENS,
+                "dtype": dtype,
+                "batch": batch,
+                "peer": name,
+                "backend": PEERS[name].backend,
+                "workload": "step",
+                "guidance_scale": args.guidance_scale,
+                "alpha": resolve_alpha(None, spec.prediction_type),
+                "rounds": len(reference),
+                "block": args.block,
+                "settle": args.settle,
+                "warmup": args.warmup,
+                "order": "rotated",
+                "timing": summarize(steps, args.settle, device),
+                "blocks_ms": [[round(t, 2) for t in block] for block in times[name]],
+                "paired": None if name == args.reference else paired(block_medians(name), reference, args),
+            }
+        )
+    return out
+
+
+def paired(blocks: Sequence[float], reference: Sequence[float], args: argparse.Namespace) -> dict[str, Any]:
+    """A peer's per-round ratios to the reference, their median, its 95 % interval, the rounds won."""
+    ratios = paired_ratios(blocks, reference)
+    low, high = bootstrap_median_ci(ratios)
+    return {
+        "reference": args.reference,
+        "median_ratio": round(torch.tensor(ratios).median().item(), 5),
+        "ci95": [round(low, 5), round(high, 5)],
+        "faster_rounds": sum(ratio < 1.0 for ratio in ratios),
+        "ratios": [round(ratio, 5) for ratio in ratios],
+    }
+
+
+def describe(record: dict[str, Any]) -> str:
+    """One line per record: the median step, and the paired ratio with its interval."""
+    text = f"{record['model']} {record['dtype']} b{record['batch']} {record['peer']}: median step "
+    text += f"{record['timing']['median_ms']:.1f} ms"
+    if (ratio := record["paired"]) is None:
+        return text + " (reference)"
+    low, high = ratio["ci95"]
+    return text + (
+        f"; / {ratio['reference']}: {ratio['median_ratio']:.3f} [{low:.3f}, {high:.3f}], "
+        f"faster in {ratio['faster_rounds']} of {record['rounds']} rounds"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    deadline = time.monotonic() + (float("inf") if args.budget_s is None else args.budget_s)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        for model in args.models:
+            for dtype in args.dtypes:
+                for batch in args.batches:
+                    rows = records(args, model, dtype, batch, run_rounds(args, model, dtype, batch, deadline))
+                    with args.out.open("a", encoding="utf-8") as f:
+                        f.writelines(json.dumps(row) + "\n" for row in rows)
+                    for row in rows:
+                        print(describe(row), flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

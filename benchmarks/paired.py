@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -147,7 +148,7 @@ def run_rounds(
             times[name].append(block)
         if round_index < 0:
             continue
-        line = ", ".join(f"{name} {torch.tensor(times[name][-1]).median().item():.1f}" for name in args.peers)
+        line = ", ".join(f"{name} {statistics.median(times[name][-1]):.1f}" for name in args.peers)
         print(f"{model} {dtype} b{batch} round {round_index + 1}: {line} ms", flush=True)
     return times
 
@@ -160,7 +161,7 @@ def records(
     device = torch.device(args.device)
 
     def block_medians(name: str) -> list[float]:
-        return [torch.tensor(block, dtype=torch.float64).median().item() for block in times[name]]
+        return [statistics.median(block) for block in times[name]]
 
     reference = block_medians(args.reference)
     shared = environment(device, smoke=False)
@@ -201,7 +202,7 @@ def paired(blocks: Sequence[float], reference: Sequence[float], args: argparse.N
     low, high = bootstrap_median_ci(ratios)
     return {
         "reference": args.reference,
-        "median_ratio": round(torch.tensor(ratios).median().item(), 5),
+        "median_ratio": round(statistics.median(ratios), 5),
         "ci95": [round(low, 5), round(high, 5)],
         "faster_rounds": sum(ratio < 1.0 for ratio in ratios),
         "ratios": [round(ratio, 5) for ratio in ratios],

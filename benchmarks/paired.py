@@ -154,9 +154,15 @@ def run_rounds(
 
 
 def records(
-    args: argparse.Namespace, model: str, dtype: str, batch: int, times: dict[str, list[list[float]]]
+    args: argparse.Namespace,
+    shared: dict[str, Any],
+    model: str,
+    dtype: str,
+    batch: int,
+    times: dict[str, list[list[float]]],
 ) -> list[dict[str, Any]]:
-    """One record per peer: its step times' summary and its paired ratio to the reference."""
+    """One record per peer: the run's ``shared`` fields, its step times' summary and its paired ratio
+    to the reference."""
     spec = ALL_MODELS[model]
     device = torch.device(args.device)
 
@@ -164,7 +170,6 @@ def records(
         return [statistics.median(block) for block in times[name]]
 
     reference = block_medians(args.reference)
-    shared = environment(device, smoke=False)
     out = []
     for name in args.peers:
         steps = [t for block in times[name] for t in block]
@@ -228,12 +233,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     deadline = time.monotonic() + (float("inf") if args.budget_s is None else args.budget_s)
+    # Read before the rounds: the revision that runs, not the one checked out when they end.
+    shared = environment(torch.device(args.device), smoke=False)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         for model in args.models:
             for dtype in args.dtypes:
                 for batch in args.batches:
-                    rows = records(args, model, dtype, batch, run_rounds(args, model, dtype, batch, deadline))
+                    times = run_rounds(args, model, dtype, batch, deadline)
+                    rows = records(args, shared, model, dtype, batch, times)
                     with args.out.open("a", encoding="utf-8") as f:
                         f.writelines(json.dumps(row) + "\n" for row in rows)
                     for row in rows:

@@ -8,7 +8,8 @@ memory is recorded as ``"oom"`` and the run goes on.
 On CUDA every configuration runs in this process (the allocator's peak counter is reset per
 configuration). On CPU (``--isolate``, the default there outside ``--smoke``) each configuration
 runs in a fresh child process that builds G and E itself, so its peak resident memory belongs to
-that configuration alone and no peer inherits another's heap or allocator history.
+that configuration alone and no peer inherits another's heap or allocator history. Where the
+machine's speed drifts by more than the peers differ, :mod:`benchmarks.paired` ranks them instead.
 
     python -m benchmarks.e2e                      # full matrix on the default device
     python -m benchmarks.e2e --smoke              # tiny models on CPU in well under a minute

@@ -366,6 +366,26 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, int]]:
     return pairs + [("image", n) for n in args.steps if "image" in args.workloads]
 
 
+def configuration_fields(
+    spec: ModelSpec, dtype: str, batch: int, peer: Peer, guidance_scale: float
+) -> dict[str, Any]:
+    """What a record says about its configuration besides the workload: model, sizes, dtype, batch,
+    peer, guidance (``date`` is the time the record is made)."""
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": spec.name,
+        "resolution": spec.resolution,
+        "latent_size": spec.config()["sample_size"],
+        "text_tokens": TEXT_TOKENS,
+        "dtype": dtype,
+        "batch": batch,
+        "peer": peer.name,
+        "backend": peer.backend,
+        "guidance_scale": guidance_scale,
+        "alpha": resolve_alpha(None, spec.prediction_type),
+    }
+
+
 def describe(record: dict[str, Any]) -> str:
     """One progress line per record."""
     length = "" if record["workload"] == "step" else f" x{record['steps']}"
@@ -477,19 +497,9 @@ def run_matrix(args: argparse.Namespace) -> int:
                 _release(device)
             record = {
                 **shared,
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "model": spec.name,
-                "resolution": spec.resolution,
-                "latent_size": spec.config()["sample_size"],
-                "text_tokens": TEXT_TOKENS,
-                "dtype": dtype_name,
-                "batch": batch,
-                "peer": peer.name,
-                "backend": peer.backend,
+                **configuration_fields(spec, dtype_name, batch, peer, args.guidance_scale),
                 "workload": workload,
                 "steps": steps,
-                "guidance_scale": args.guidance_scale,
-                "alpha": resolve_alpha(None, spec.prediction_type),
                 **fields,
             }
             validate(record)

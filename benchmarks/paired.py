@@ -22,18 +22,16 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.e2e import ALL_MODELS, DTYPES, ROOT, build_pair, environment, summarize
-from benchmarks.models import TEXT_TOKENS, make_inputs
+from benchmarks.e2e import ALL_MODELS, DTYPES, ROOT, build_pair, configuration_fields, environment, summarize
+from benchmarks.models import make_inputs
 from benchmarks.peers import PEERS, attached
 from benchmarks.workloads import Run, lockstep, sampler_for
 from dreamblend.ops import resolved_backend_name
-from dreamblend.pipelines.blend import resolve_alpha
 
 __all__ = ["bootstrap_median_ci", "main", "paired_ratios", "rotation"]
 
@@ -176,18 +174,8 @@ def records(
         out.append(
             {
                 **shared,
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "model": spec.name,
-                "resolution": spec.resolution,
-                "latent_size": spec.config()["sample_size"],
-                "text_tokens": TEXT_TOKENS,
-                "dtype": dtype,
-                "batch": batch,
-                "peer": name,
-                "backend": PEERS[name].backend,
+                **configuration_fields(spec, dtype, batch, PEERS[name], args.guidance_scale),
                 "workload": "step",
-                "guidance_scale": args.guidance_scale,
-                "alpha": resolve_alpha(None, spec.prediction_type),
                 "rounds": len(reference),
                 "block": args.block,
                 "settle": args.settle,

@@ -21,7 +21,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="start no new round after this many seconds (every configuration still runs 2)",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--pool",
+        nargs="+",
+        metavar="RUN_ID",
+        help="measure nothing: pool these runs' ratios (records in --out) per configuration and peer",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 2 or args.block < 1 or min(args.settle, args.warmup) < 0 or min(args.batches) < 1:
         parser.error("need --rounds >= 2, --block >= 1, --settle and --warmup >= 0 and positive batches")
@@ -215,8 +221,46 @@ def describe(record: dict[str, Any]) -> str:
     )
 
 
+def pooled(records: Iterable[dict[str, Any]], run_ids: Sequence[str]) -> list[str]:
+    """The named runs' ratios pooled per (model, dtype, batch, peer, reference): more rounds than one
+    run had time for. The runs must come from one machine at one thread count."""
+    runs = [r for r in records if r["run_id"] in run_ids]
+    missing = sorted(set(run_ids) - {r["run_id"] for r in runs})
+    if missing:
+        raise ValueError(f"no records of run(s) {', '.join(missing)}")
+    machines = {(r["device"]["name"], r["device"].get("threads")) for r in runs}
+    if len(machines) > 1:
+        raise ValueError(f"runs from different machines or thread counts do not pool: {sorted(machines)}")
+    groups: dict[tuple[Any, ...], list[float]] = {}
+    sources: dict[tuple[Any, ...], set[str]] = {}
+    for r in runs:
+        if r["paired"] is not None:
+            key = (r["model"], r["dtype"], r["batch"], r["peer"], r["paired"]["reference"])
+            groups.setdefault(key, []).extend(r["paired"]["ratios"])
+            sources.setdefault(key, set()).add(r["run_id"])
+    lines = []
+    for key, ratios in groups.items():
+        model, dtype, batch, peer, reference = key
+        low, high = bootstrap_median_ci(ratios)
+        lines.append(
+            f"{model} {dtype} b{batch} {peer} / {reference}, {len(ratios)} rounds "
+            f"({len(sources[key])} runs): "
+            f"{statistics.median(ratios):.3f} [{low:.3f}, {high:.3f}], "
+            f"{peer} faster in {sum(r < 1.0 for r in ratios)}"
+        )
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.pool:
+        rows = [json.loads(line) for line in args.out.read_text(encoding="utf-8").splitlines() if line]
+        try:
+            print("\n".join(pooled(rows, args.pool)))
+        except ValueError as exc:
+            print(f"benchmarks.paired: {exc}", file=sys.stderr)
+            return 2
+        return 0
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)

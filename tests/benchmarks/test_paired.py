@@ -83,3 +83,44 @@ def test_bad_arguments_are_refused(argv: list[str], message: str, capsys: pytest
     with pytest.raises(SystemExit):
         paired.main(["--device", "cpu", *argv])
     assert message in capsys.readouterr().err
+
+
+def _record(run_id: str, peer: str, ratios: list[float] | None, machine: str = "cpu-a") -> dict:
+    paired = None if ratios is None else {"reference": "ours_cpp", "ratios": ratios}
+    return {
+        "run_id": run_id,
+        "device": {"name": machine, "threads": 2},
+        "model": "toyworld",
+        "dtype": "float32",
+        "batch": 1,
+        "peer": peer,
+        "paired": paired,
+    }
+
+
+def test_pooling_joins_the_named_runs_rounds_and_refuses_what_does_not_pool() -> None:
+    records = [
+        _record("r1", "ours_cpp", None),
+        _record("r1", "eager", [1.1, 1.2, 0.9]),
+        _record("r2", "eager", [1.3, 1.05]),
+        _record("r3", "eager", [0.5, 0.5]),
+    ]
+    (line,) = paired.pooled(records, ["r1", "r2"])
+    low, high = paired.bootstrap_median_ci([1.1, 1.2, 0.9, 1.3, 1.05])
+    assert line == (
+        "toyworld float32 b1 eager / ours_cpp, 5 rounds (2 runs): "
+        f"1.100 [{low:.3f}, {high:.3f}], eager faster in 1"
+    )
+    with pytest.raises(ValueError, match="no records of run"):
+        paired.pooled(records, ["r1", "r9"])
+    with pytest.raises(ValueError, match="different machines"):
+        paired.pooled([*records, _record("r4", "eager", [1.0], machine="cpu-b")], ["r1", "r4"])
+
+
+def test_pool_cli_reads_the_results_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "paired.jsonl"
+    out.write_text("\n".join(json.dumps(r) for r in [_record("r1", "eager", [1.2, 1.0, 1.1])]) + "\n")
+    assert paired.main(["--device", "cpu", "--out", str(out), "--pool", "r1"]) == 0
+    assert "1.100" in capsys.readouterr().out
+    assert paired.main(["--device", "cpu", "--out", str(out), "--pool", "r2"]) == 2
+    assert "no records of run(s) r2" in capsys.readouterr().err

@@ -53,7 +53,7 @@ from benchmarks.models import (
 )
 from benchmarks.peers import PEERS, Peer, attached
 from benchmarks.schema import SCHEMA_VERSION, validate
-from benchmarks.workloads import Run, image, lockstep, sampler_for
+from benchmarks.workloads import Run, image, middle_step
 from dreamblend.cpu_info import cpu_model
 from dreamblend.pipelines.blend import resolve_alpha
 
@@ -293,12 +293,7 @@ def measure(
     with attached(peer, models) as capture:
         latents, cond = make_inputs(models[0], spec, batch, args.guidance_scale, device)
         run = Run(spec, *models, capture, latents, cond, peer.workload)
-        # A single step is the middle one of a 50-step schedule.
-        sampler, timesteps = sampler_for(run, 50)
-        i = len(timesteps) // 2
-
-        def one_step() -> object:
-            return lockstep(sampler, run.workload, i, timesteps[i], latents, latents)
+        one_step = middle_step(run)
 
         def one_image() -> object:
             return image(run, steps)

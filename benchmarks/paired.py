@@ -21,22 +21,33 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.e2e import ALL_MODELS, DTYPES, ROOT, build_pair, configuration_fields, environment, summarize
-from benchmarks.models import make_inputs
-from benchmarks.peers import PEERS, attached
-from benchmarks.workloads import Run, lockstep, sampler_for
+from benchmarks.e2e import (
+    ALL_MODELS,
+    DTYPES,
+    ROOT,
+    _time_ms,
+    build_pair,
+    configuration_fields,
+    environment,
+    summarize,
+)
+from benchmarks.models import ModelSpec, make_inputs
+from benchmarks.peers import PEERS, UNets, attached
+from benchmarks.workloads import Run, middle_step
 from dreamblend.ops import resolved_backend_name
 
 __all__ = ["bootstrap_median_ci", "main", "paired_ratios", "rotation"]
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "paired.jsonl"
 DEFAULT_PEERS = ("guided_floor", "eager", "sdpa_recompute")
+Step = Callable[[], object]
 
 
 def rotation(peers: Sequence[str], round_index: int) -> list[str]:
@@ -113,6 +124,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+@contextmanager
+def installed(
+    name: str, models: UNets, spec: ModelSpec, batch: int, args: argparse.Namespace
+) -> Iterator[Step]:
+    """Peer ``name`` on G and E, and its step workload (as :mod:`benchmarks.e2e` times it)."""
+    peer = PEERS[name]
+    with attached(peer, models) as capture:
+        latents, cond = make_inputs(models[0], spec, batch, args.guidance_scale, torch.device(args.device))
+        yield middle_step(Run(spec, *models, capture, latents, cond, peer.workload))
+
+
 def run_rounds(
     args: argparse.Namespace, model: str, dtype: str, batch: int, deadline: float
 ) -> dict[str, list[list[float]]]:
@@ -122,36 +144,21 @@ def run_rounds(
     models, failed = build_pair(spec, DTYPES[dtype], device)
     if models is None:
         raise RuntimeError(f"{model} {dtype}: {failed['error'] if failed else 'not built'}")
+    # Every peer untimed first: first calls create oneDNN primitives and fill allocator caches.
+    for name in args.peers:
+        with installed(name, models, spec, batch, args) as step:
+            for _ in range(args.warmup):
+                step()
     times: dict[str, list[list[float]]] = {name: [] for name in args.peers}
-    # Round -1 is the warm-up: every peer once, untimed (first calls create oneDNN primitives and
-    # fill allocator caches at these shapes).
-    for round_index in range(-1 if args.warmup else 0, args.rounds):
+    for round_index in range(args.rounds):
         if round_index >= 2 and time.monotonic() > deadline:
             print(f"time budget spent after {round_index} rounds", flush=True)
             break
-        for name in rotation(args.peers, max(round_index, 0)):
-            peer = PEERS[name]
-            with attached(peer, models) as capture:
-                latents, cond = make_inputs(models[0], spec, batch, args.guidance_scale, device)
-                run = Run(spec, *models, capture, latents, cond, peer.workload)
-                sampler, timesteps = sampler_for(run, 50)
-                i = len(timesteps) // 2  # the middle step of a 50-step schedule, as benchmarks.e2e
-                for _ in range(args.warmup if round_index < 0 else args.settle):
-                    lockstep(sampler, run.workload, i, timesteps[i], latents, latents)
-                if round_index < 0:
-                    continue
-                block = []
-                for _ in range(args.block):
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    start = time.perf_counter()
-                    lockstep(sampler, run.workload, i, timesteps[i], latents, latents)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    block.append((time.perf_counter() - start) * 1e3)
-            times[name].append(block)
-        if round_index < 0:
-            continue
+        for name in rotation(args.peers, round_index):
+            with installed(name, models, spec, batch, args) as step:
+                for _ in range(args.settle):
+                    step()
+                times[name].append(_time_ms(step, args.block, device))
         line = ", ".join(f"{name} {statistics.median(times[name][-1]):.1f}" for name in args.peers)
         print(f"{model} {dtype} b{batch} round {round_index + 1}: {line} ms", flush=True)
     return times
@@ -189,18 +196,20 @@ def records(
                 "order": "rotated",
                 "timing": summarize(steps, args.settle, device),
                 "blocks_ms": [[round(t, 2) for t in block] for block in times[name]],
-                "paired": None if name == args.reference else paired(block_medians(name), reference, args),
+                "paired": (
+                    None if name == args.reference else paired(block_medians(name), reference, args.reference)
+                ),
             }
         )
     return out
 
 
-def paired(blocks: Sequence[float], reference: Sequence[float], args: argparse.Namespace) -> dict[str, Any]:
+def paired(blocks: Sequence[float], reference: Sequence[float], reference_peer: str) -> dict[str, Any]:
     """A peer's per-round ratios to the reference, their median, its 95 % interval, the rounds won."""
     ratios = paired_ratios(blocks, reference)
     low, high = bootstrap_median_ci(ratios)
     return {
-        "reference": args.reference,
+        "reference": reference_peer,
         "median_ratio": round(statistics.median(ratios), 5),
         "ci95": [round(low, 5), round(high, 5)],
         "faster_rounds": sum(ratio < 1.0 for ratio in ratios),

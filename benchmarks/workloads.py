@@ -10,7 +10,9 @@ one timestep's reference maps are dropped before the next are recorded, so memor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -20,7 +22,7 @@ from benchmarks.models import ModelSpec, make_scheduler
 from benchmarks.peers import Capture
 from dreamblend.pipelines.blend import Conditioning, DreamBlendSampler, ModelPair, resolve_alpha
 
-__all__ = ["Run", "image", "lockstep", "sampler_for"]
+__all__ = ["Run", "image", "lockstep", "middle_step", "sampler_for"]
 
 
 @dataclass
@@ -72,6 +74,13 @@ def lockstep(
     if workload == "plain":
         return x_g, x_e
     return x_g, sampler.edit_step(i, t, x_e, ref)
+
+
+def middle_step(run: Run) -> Callable[[], tuple[Tensor, Tensor]]:
+    """The step workload: one call runs the middle timestep of a 50-step schedule from the start latent."""
+    sampler, timesteps = sampler_for(run, 50)
+    i = len(timesteps) // 2
+    return partial(lockstep, sampler, run.workload, i, timesteps[i], run.latents, run.latents)
 
 
 def image(run: Run, steps: int) -> tuple[Tensor, Tensor]:

@@ -457,12 +457,14 @@ void to_bf16(const float* src, BF16* dst, int64_t n) {
 #pragma GCC pop_options
 #endif
 
+bool bf16_products_in_cpu() {
+  static const bool cpu = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16"));
+  return cpu;
+}
+
 // ATen's brgemm takes oneDNN's micro-kernel only while oneDNN is enabled (torch.backends.mkldnn), which
 // can change between calls; the CPU cannot.
-bool bf16_products_supported() {
-  static const bool cpu = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16"));
-  return cpu && at::globalContext().userEnabledMkldnn();
-}
+bool bf16_products_supported() { return bf16_products_in_cpu() && at::globalContext().userEnabledMkldnn(); }
 
 // (rows, n) float rows -> bf16 rows with row stride ld >= n; the columns past n are zeroed.
 void round_rows(const float* src, int64_t rows, int64_t n, BF16* dst, int64_t ld) {
@@ -877,19 +879,29 @@ bool bf16_products_available() {
 #endif
 }
 
-// Whether bfloat16 inputs take the bf16 products: on where the CPU has them (tests switch it off to run the
-// float32 ones too); off, and reported off, where it does not.
+// The CPU half of bf16_products_available.
+bool bf16_products_cpu() {
+#ifdef DREAMBLEND_X86_SIMD
+  return bf16_products_in_cpu();
+#else
+  return false;
+#endif
+}
+
+// Whether bfloat16 inputs take the bf16 products where they are available: on where the CPU has them
+// (tests switch it off to run the float32 ones too), off on a CPU without them.
 std::atomic<bool>& bf16_setting() {
-  static std::atomic<bool> enabled{bf16_products_available()};
+  static std::atomic<bool> enabled{bf16_products_cpu()};
   return enabled;
 }
 
-// Switches the bf16 products on (1) or off (0) and returns whether they were in use; -1 only reads that.
+// -1 reads whether the bf16 products are in use (the setting, and available now). 1 or 0 switches the
+// setting and returns the previous one, so that a caller restores it whether or not oneDNN was on in
+// between; switching on is refused on a CPU without AVX512-BF16.
 bool use_bf16_products(int64_t enable) {
-  TORCH_CHECK(enable <= 0 || bf16_products_available(),
-              "this CPU has no AVX512-BF16 (or torch's oneDNN is off): no bfloat16 products");
-  const bool previous = enable < 0 ? bf16_setting().load() : bf16_setting().exchange(enable > 0);
-  return previous && bf16_products_available();
+  if (enable < 0) return bf16_setting().load() && bf16_products_available();
+  TORCH_CHECK(enable == 0 || bf16_products_cpu(), "this CPU has no AVX512-BF16: no bfloat16 products");
+  return bf16_setting().exchange(enable > 0);
 }
 
 // float32 products through oneDNN's micro-kernel (BrgemmProducts) rather than ATen's GEMMs: on several

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -345,22 +346,37 @@ def test_bf16_products_are_bitwise_identical_across_thread_counts():
         assert torch.equal(a, b)
 
 
-def test_bf16_products_are_refused_and_not_taken_where_unavailable():
-    """With torch's oneDNN off, as on a CPU without AVX512-BF16, the bf16 products are reported off (so a
-    caller that saves and restores the setting can), refused, and bf16 inputs take the float32 ones."""
+def _cpu_has_avx512_bf16() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and "avx512_bf16" in cpuinfo.read_text().split()
+
+
+def test_bf16_products_are_not_taken_while_onednn_is_off_and_the_setting_survives():
+    """With torch's oneDNN off (as on a CPU without AVX512-BF16) the bf16 products are reported off and
+    bf16 inputs take the float32 ones. The setting itself is kept: a caller that switches them off and
+    restores the value it got back finds them on again once oneDNN is. Only a CPU without AVX512-BF16
+    refuses them."""
     q, k, v = (t.detach().bfloat16().requires_grad_() for t in make_qkv(1, 2, 37, 77, 40))
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     out64, maps64, grads64 = run_op("capture", "torch", q64, k64, v64, None, None, False, "both")
+    has_bf16 = _cpu_has_avx512_bf16()
     enabled = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
     try:
         assert not cpp.bf16_products_available()
         assert cpp.use_bf16_products() is False
-        with pytest.raises(RuntimeError, match="no bfloat16 products"):
-            cpp.use_bf16_products(True)
         out, maps, grads = run_op("capture", "cpp", q, k, v, None, None, False, "both")
+        previous = cpp.use_bf16_products(False)
+        assert previous is has_bf16  # the setting starts on exactly where the CPU has the products
+        if has_bf16:
+            assert cpp.use_bf16_products(previous) is False
+            assert cpp.use_bf16_products() is False  # on, and still not in use while oneDNN is off
+        else:
+            with pytest.raises(RuntimeError, match="no AVX512-BF16"):
+                cpp.use_bf16_products(True)
     finally:
         torch.backends.mkldnn.enabled = enabled
+    assert cpp.use_bf16_products() is has_bf16
     torch.testing.assert_close(maps.double(), maps64, **F32_VS_F64)
     for got, want in zip([out, *grads], [out64, *grads64], strict=True):
         # Each element rounded once to bf16 (at most u of it) from a float32 result (1e-6 off, relatively).

@@ -269,8 +269,10 @@ def bf16_products_available() -> bool:
 
 
 def use_bf16_products(enabled: bool | None = None) -> bool:
-    """Whether bfloat16 inputs use the bf16 products (on by default where available); with ``enabled``,
-    switch and return whether they were in use: tests run the float32 products too, as other CPUs do."""
+    """Whether bfloat16 inputs use the bf16 products now (on by default where available). With
+    ``enabled``, switch the setting and return the previous one, to restore later: tests run the float32
+    products too, as other CPUs do. The setting holds while torch's oneDNN is off (nothing uses the
+    products then); switching on is refused only on a CPU without AVX512-BF16."""
     _require()
     return torch.ops.dreamblend_cpp.use_bf16_products(-1 if enabled is None else int(enabled))
 

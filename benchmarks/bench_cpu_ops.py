@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks.e2e import _proc_status_bytes, _version, git_revision, reset_peak_rss
+from benchmarks.e2e import git_revision, proc_status_bytes, reset_peak_rss, version
 from dreamblend.cpu_info import cpu_model
 from dreamblend.ops import reference, resolve_backend
 from dreamblend.ops.reference import compute_dtype, l1_map_loss
@@ -213,11 +213,11 @@ def time_ms(fn: Callable, inputs: tuple, warmup: int, repeats: int) -> dict:
 
 def peak_bytes(fn: Callable, inputs: tuple) -> int | None:
     """Resident memory one call adds at its peak (kernel high-water mark, reset just before)."""
-    before = _proc_status_bytes("VmRSS")
+    before = proc_status_bytes("VmRSS")
     if before is None or not reset_peak_rss():
         return None
     result = fn(*inputs)
-    peak = _proc_status_bytes("VmHWM")
+    peak = proc_status_bytes("VmHWM")
     del result
     return None if peak is None else max(0, peak - before)
 
@@ -256,7 +256,7 @@ def environment(args: argparse.Namespace) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_revision": git_revision(),
         "device": {"type": "cpu", "name": cpu_model(), "cpu_count": os.cpu_count(), "threads": args.threads},
-        "versions": {"torch": torch.__version__, "triton": _version("triton")},
+        "versions": {"torch": torch.__version__, "triton": version("triton")},
     }
 
 

@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a file: make the ``benchmarks`` package 
 
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0  # noqa: E402
 
-from benchmarks.e2e import DTYPES, _time_ms, environment, summarize  # noqa: E402
+from benchmarks.e2e import DTYPES, environment, summarize, time_ms  # noqa: E402
 from benchmarks.models import MODELS, SMOKE_MODELS, TEXT_TOKENS, build_unet  # noqa: E402
 from dreamblend import AttentionStore, attach  # noqa: E402
 from dreamblend.ops import resolve_backend  # noqa: E402
@@ -215,7 +215,7 @@ def measure(
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         static = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-        times = _time_ms(step, args.repeats, device)
+        times = time_ms(step, args.repeats, device)
         optimizer.zero_grad(set_to_none=True)  # the next method starts without this one's gradients
     memory = None
     if device.type == "cuda":

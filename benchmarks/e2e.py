@@ -178,7 +178,7 @@ def git_revision() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def _version(package: str) -> str | None:
+def version(package: str) -> str | None:
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -203,7 +203,7 @@ def environment(device: torch.device, smoke: bool) -> dict[str, Any]:
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "triton": _version("triton"),
+            "triton": version("triton"),
             "diffusers": diffusers.__version__,
             "cuda": torch.version.cuda,
         },
@@ -213,7 +213,7 @@ def environment(device: torch.device, smoke: bool) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- measuring
 
 
-def _time_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
+def time_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
     """Time of each call: CUDA events on a GPU (synchronized per call), perf_counter on CPU."""
     times = []
     for _ in range(repeats):
@@ -251,7 +251,7 @@ def _weight_bytes(unet: UNet2DConditionModel) -> int:
     return sum(t.numel() * t.element_size() for t in (*unet.parameters(), *unet.buffers()))
 
 
-def _proc_status_bytes(field: str) -> int | None:
+def proc_status_bytes(field: str) -> int | None:
     """``VmRSS``/``VmHWM`` of this process from /proc (Linux), in bytes; None elsewhere."""
     try:
         for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
@@ -271,7 +271,7 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def _release(device: torch.device) -> None:
+def release(device: torch.device) -> None:
     """Return a finished configuration's memory (hook closures form cycles) so the next starts clean."""
     if device.type == "cuda":  # on CPU nothing is measured, and a full collection costs ~0.5 s
         gc.collect()
@@ -303,14 +303,14 @@ def measure(
         # (both UNets' weights and the inputs, which are resident now, plus what the steps need).
         track_rss = not cuda and args.worker and reset_peak_rss()
         if track_rss:
-            static = _proc_status_bytes("VmRSS") or 0
+            static = proc_status_bytes("VmRSS") or 0
         for _ in range(args.warmup):  # compiles, autotunes and fills allocator caches at these shapes
             one_step()
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         repeats = args.repeats if workload == "step" else args.image_repeats
-        times = _time_ms(one_step if workload == "step" else one_image, repeats, device)
+        times = time_ms(one_step if workload == "step" else one_image, repeats, device)
         timing = summarize(times, args.warmup, device)
     memory = None
     if cuda:
@@ -320,7 +320,7 @@ def measure(
             "unet_weight_bytes": _weight_bytes(models[0]),
             "source": "cuda_allocator",
         }
-    elif track_rss and (peak := _proc_status_bytes("VmHWM")) is not None:
+    elif track_rss and (peak := proc_status_bytes("VmHWM")) is not None:
         memory = {
             "peak_allocated_bytes": peak,
             "static_allocated_bytes": static,
@@ -335,7 +335,7 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
 
 
-def _not_measured(status: str, error: str) -> dict[str, Any]:
+def not_measured(status: str, error: str) -> dict[str, Any]:
     return {"status": status, "error": error, "timing": None, "memory": None, "images_per_s": None}
 
 
@@ -344,12 +344,12 @@ def guarded(run: Callable[[], dict[str, Any]], fail_fast: bool) -> dict[str, Any
     try:
         return run()
     except torch.OutOfMemoryError as exc:
-        return _not_measured("oom", _first_line(exc))
+        return not_measured("oom", _first_line(exc))
     except Exception as exc:
         if fail_fast:
             raise
         traceback.print_exc()
-        return _not_measured("error", f"{type(exc).__name__}: {exc}"[:500])
+        return not_measured("error", f"{type(exc).__name__}: {exc}"[:500])
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -419,8 +419,8 @@ def build_pair(
     try:
         return (build_unet(spec, 0, dtype, device), build_unet(spec, 1, dtype, device)), None
     except torch.OutOfMemoryError as exc:
-        _release(device)
-        return None, _not_measured("oom", f"building G and E: {_first_line(exc)}")
+        release(device)
+        return None, not_measured("oom", f"building G and E: {_first_line(exc)}")
 
 
 _WORKER_RESULT = "e2e-worker-result: "
@@ -455,7 +455,7 @@ def isolated(
     if result.returncode != 0 or not lines:
         # A worker killed for memory (SIGKILL from the kernel's OOM killer) ran out of memory.
         status = "oom" if result.returncode == -9 else "error"
-        return _not_measured(status, f"worker process exited with status {result.returncode}")
+        return not_measured(status, f"worker process exited with status {result.returncode}")
     return json.loads(lines[-1][len(_WORKER_RESULT) :])
 
 
@@ -481,7 +481,7 @@ def run_matrix(args: argparse.Namespace) -> int:
                 return int(errors > 0)
             reason = peer.unavailable(device)
             if reason is not None:
-                fields = _not_measured("unavailable", reason)
+                fields = not_measured("unavailable", reason)
             elif failed is not None:
                 fields = failed
             elif args.isolate:
@@ -489,7 +489,7 @@ def run_matrix(args: argparse.Namespace) -> int:
             else:
                 run = partial(measure, peer, models, spec, batch, workload, steps, args)
                 fields = guarded(run, args.fail_fast)
-                _release(device)
+                release(device)
             record = {
                 **shared,
                 **configuration_fields(spec, dtype_name, batch, peer, args.guidance_scale),
@@ -503,7 +503,7 @@ def run_matrix(args: argparse.Namespace) -> int:
             errors += record["status"] == "error"
             print(describe(record), flush=True)
         del models
-        _release(device)
+        release(device)
     return int(errors > 0)
 
 

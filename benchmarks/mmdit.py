@@ -46,15 +46,15 @@ from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from torch import Tensor, nn
 
 from benchmarks.e2e import (
-    _not_measured,
-    _proc_status_bytes,
-    _release,
-    _time_ms,
     environment,
     git_revision,
     guarded,
+    not_measured,
+    proc_status_bytes,
+    release,
     reset_peak_rss,
     summarize,
+    time_ms,
 )
 from dreamblend import AttentionStore, ops
 from dreamblend.mmdit import attach
@@ -416,7 +416,7 @@ def measure(spec: MMDiTSpec, peer: str, args: argparse.Namespace) -> dict[str, A
     else:
         step = layer_step(spec, peer, args)
     track_rss = not cuda and args.worker and reset_peak_rss()
-    static = (_proc_status_bytes("VmRSS") or 0) if track_rss else 0
+    static = (proc_status_bytes("VmRSS") or 0) if track_rss else 0
     if cuda:
         static = torch.cuda.memory_allocated(device)
     try:
@@ -425,14 +425,14 @@ def measure(spec: MMDiTSpec, peer: str, args: argparse.Namespace) -> dict[str, A
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        timing = summarize(_time_ms(step, args.repeats, device), args.warmup, device)
+        timing = summarize(time_ms(step, args.repeats, device), args.warmup, device)
     finally:
         getattr(step, "close", lambda: None)()
     memory = None
     if cuda:
         memory = {"peak_bytes": torch.cuda.max_memory_allocated(device), "source": "cuda_allocator"}
     elif track_rss:
-        memory = {"peak_bytes": _proc_status_bytes("VmHWM"), "source": "peak_rss"}
+        memory = {"peak_bytes": proc_status_bytes("VmHWM"), "source": "peak_rss"}
     if memory is not None:
         memory["static_bytes"] = static
         memory["weight_bytes"] = 0 if model is None else sum(p.nbytes for p in model.parameters())
@@ -455,7 +455,7 @@ def isolated(args: argparse.Namespace, model: str, peer: str) -> dict[str, Any]:
     lines = [line for line in result.stdout.splitlines() if line.startswith(_WORKER_RESULT)]
     if result.returncode != 0 or not lines:
         status = "oom" if result.returncode == -9 else "error"  # SIGKILL: the kernel's OOM killer
-        return _not_measured(status, f"worker process exited with status {result.returncode}")
+        return not_measured(status, f"worker process exited with status {result.returncode}")
     return json.loads(lines[-1][len(_WORKER_RESULT) :])
 
 
@@ -555,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fields = isolated(args, name, peer)
             else:
                 fields = guarded(partial(measure, spec, peer, args), args.fail_fast)
-                _release(device)
+                release(device)
             backend = {"ours": ops.resolved_backend_name("auto", device), "ours_torch": "torch"}.get(peer)
             record = {
                 **shared,

@@ -32,11 +32,11 @@ from benchmarks.e2e import (
     ALL_MODELS,
     DTYPES,
     ROOT,
-    _time_ms,
     build_pair,
     configuration_fields,
     environment,
     summarize,
+    time_ms,
 )
 from benchmarks.models import ModelSpec, make_inputs
 from benchmarks.peers import PEERS, UNets, attached
@@ -158,7 +158,7 @@ def run_rounds(
             with installed(name, models, spec, batch, args) as step:
                 for _ in range(args.settle):
                     step()
-                times[name].append(_time_ms(step, args.block, device))
+                times[name].append(time_ms(step, args.block, device))
         line = ", ".join(f"{name} {statistics.median(times[name][-1]):.1f}" for name in args.peers)
         print(f"{model} {dtype} b{batch} round {round_index + 1}: {line} ms", flush=True)
     return times

@@ -41,7 +41,7 @@ from benchmarks.e2e import (
 from benchmarks.models import ModelSpec, make_inputs
 from benchmarks.peers import PEERS, UNets, attached
 from benchmarks.workloads import Run, middle_step
-from dreamblend.ops import resolved_backend_name
+from dreamblend.ops import cpp, resolved_backend_name
 
 __all__ = ["bootstrap_median_ci", "main", "paired_ratios", "rotation"]
 
@@ -116,6 +116,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--threads must be >= 1")
     if args.reference is None:
         args.reference = f"ours_{resolved_backend_name('auto', torch.device(args.device))}"
+        if args.reference == "ours_torch" and torch.device(args.device).type == "cpu":
+            # Auto fell back from the C++ backend: a ranking of the reference, not of what users run.
+            print(f"note: the reference is ours_torch: {cpp.UNAVAILABLE_REASON}", file=sys.stderr)
     args.peers = [args.reference, *(name for name in dict.fromkeys(args.peers) if name != args.reference)]
     for name in args.peers:
         reason = PEERS[name].unavailable(torch.device(args.device))

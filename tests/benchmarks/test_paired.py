@@ -85,6 +85,16 @@ def test_bad_arguments_are_refused(argv: list[str], message: str, capsys: pytest
     assert message in capsys.readouterr().err
 
 
+def test_a_reference_that_fell_back_from_the_cpp_backend_says_why(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(paired, "resolved_backend_name", lambda backend, device: "torch")
+    monkeypatch.setattr(paired.cpp, "UNAVAILABLE_REASON", "no cached build of these sources")
+    args = paired.parse_args(["--device", "cpu", "--peers", "eager"])
+    assert args.peers == ["ours_torch", "eager"]
+    assert "the reference is ours_torch: no cached build of these sources" in capsys.readouterr().err
+
+
 def _record(run_id: str, peer: str, ratios: list[float] | None, machine: str = "cpu-a") -> dict:
     paired = None if ratios is None else {"reference": "ours_cpp", "ratios": ratios}
     return {

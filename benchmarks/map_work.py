@@ -71,21 +71,24 @@ def map_work(
     missing = sorted(shape for shape in layers if shape not in covered)
     totals: dict[str, float] = {}
     for impl in sorted({impl for impl, _ in times}):
-        passes = [times.get((impl, shape), {}) for shape in layers if shape in covered]
-        if all({"capture", "guided"} <= p.keys() for p in passes):
-            totals[impl] = sum(
-                layers[shape] * (times[(impl, shape)]["capture"] + times[(impl, shape)]["guided"])
-                for shape in layers
-                if shape in covered
-            )
+        rows = [(layers[shape], times.get((impl, shape), {})) for shape in layers if shape in covered]
+        if all({"capture", "guided"} <= passes.keys() for _, passes in rows):
+            totals[impl] = sum(count * (passes["capture"] + passes["guided"]) for count, passes in rows)
     return totals, missing
 
 
 def select(
-    records: Iterable[dict[str, Any]], model: str, revision: str, dtype: str, batch: int, threads: int
+    records: Iterable[dict[str, Any]],
+    model: str,
+    revision: str,
+    dtype: str,
+    batch: int,
+    threads: int,
+    machine: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The records of one run configuration (revision by prefix); the latest record per (impl, shape,
-    pass) wins, so a rerun at the same revision replaces the earlier one."""
+    """The records of one run configuration (revision by prefix, machine by CPU name); the latest
+    record per (impl, shape, pass) wins, so a rerun replaces the earlier one. Records of one revision
+    from several machines are refused unless ``machine`` picks one: their times do not add up."""
     chosen: dict[tuple, dict[str, Any]] = {}
     for r in records:
         if (
@@ -94,8 +97,14 @@ def select(
             and r.get("dtype") == dtype
             and r.get("batch") == batch
             and r["device"].get("threads") == threads
+            and (machine is None or r["device"].get("name") == machine)
         ):
             chosen[(r["impl"], r["layer"]["M"], r["layer"]["heads"], r["layer"]["head_dim"], r["pass"])] = r
+    machines = sorted({str(r["device"].get("name")) for r in chosen.values()})
+    if len(machines) > 1:
+        raise ValueError(
+            f"records of revision {revision!r} come from several machines {machines}; pick one with --machine"
+        )
     return list(chosen.values())
 
 
@@ -106,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--machine", help="CPU name of the records (device.name) where several machines ran one revision"
+    )
     parser.add_argument("--records", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     layers = cross_attention_layers(MODELS[args.model])
@@ -113,9 +125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{args.model} cross-attention layers (M, heads, head dim): {dict(sorted(layers.items()))}")
     found = False
     for dtype in args.dtypes:
-        totals, missing = map_work(
-            select(records, args.model, args.revision, dtype, args.batch, args.threads), layers
-        )
+        try:
+            chosen = select(records, args.model, args.revision, dtype, args.batch, args.threads, args.machine)
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        totals, missing = map_work(chosen, layers)
         if not totals:
             continue
         found = True

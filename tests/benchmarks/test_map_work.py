@@ -67,6 +67,11 @@ def test_select_keeps_one_configuration_and_the_latest_record() -> None:
     ]
     (chosen,) = map_work.select(records, "sd15", "abc", "float32", 1, 2)
     assert chosen["median_ms"] == 1.5
+    elsewhere = {**_record("eager", 4096, "capture", 2.0), "device": {"threads": 2, "name": "other CPU"}}
+    with pytest.raises(ValueError, match="several machines"):
+        map_work.select([*records, elsewhere], "sd15", "abc", "float32", 1, 2)
+    (chosen,) = map_work.select([*records, elsewhere], "sd15", "abc", "float32", 1, 2, machine="other CPU")
+    assert chosen["impl"] == "eager"
 
 
 def test_cli_prints_the_margins_and_refuses_an_unknown_revision(

@@ -457,14 +457,14 @@ void to_bf16(const float* src, BF16* dst, int64_t n) {
 #pragma GCC pop_options
 #endif
 
-bool bf16_products_in_cpu() {
+bool cpu_has_avx512bf16() {
   static const bool cpu = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16"));
   return cpu;
 }
 
 // ATen's brgemm takes oneDNN's micro-kernel only while oneDNN is enabled (torch.backends.mkldnn), which
 // can change between calls; the CPU cannot.
-bool bf16_products_supported() { return bf16_products_in_cpu() && at::globalContext().userEnabledMkldnn(); }
+bool bf16_products_supported() { return cpu_has_avx512bf16() && at::globalContext().userEnabledMkldnn(); }
 
 // (rows, n) float rows -> bf16 rows with row stride ld >= n; the columns past n are zeroed.
 void round_rows(const float* src, int64_t rows, int64_t n, BF16* dst, int64_t ld) {
@@ -879,10 +879,10 @@ bool bf16_products_available() {
 #endif
 }
 
-// The CPU half of bf16_products_available.
-bool bf16_products_cpu() {
+// The CPU half of bf16_products_available (false where the SIMD kernels are not built).
+bool cpu_has_bf16_products() {
 #ifdef DREAMBLEND_X86_SIMD
-  return bf16_products_in_cpu();
+  return cpu_has_avx512bf16();
 #else
   return false;
 #endif
@@ -891,7 +891,7 @@ bool bf16_products_cpu() {
 // Whether bfloat16 inputs take the bf16 products where they are available: on where the CPU has them
 // (tests switch it off to run the float32 ones too), off on a CPU without them.
 std::atomic<bool>& bf16_setting() {
-  static std::atomic<bool> enabled{bf16_products_cpu()};
+  static std::atomic<bool> enabled{cpu_has_bf16_products()};
   return enabled;
 }
 
@@ -900,7 +900,7 @@ std::atomic<bool>& bf16_setting() {
 // between; switching on is refused on a CPU without AVX512-BF16.
 bool use_bf16_products(int64_t enable) {
   if (enable < 0) return bf16_setting().load() && bf16_products_available();
-  TORCH_CHECK(enable == 0 || bf16_products_cpu(), "this CPU has no AVX512-BF16: no bfloat16 products");
+  TORCH_CHECK(enable == 0 || cpu_has_bf16_products(), "this CPU has no AVX512-BF16: no bfloat16 products");
   return bf16_setting().exchange(enable > 0);
 }
 

@@ -26,6 +26,7 @@ from diffusers import UNet2DConditionModel
 
 from benchmarks.bench_cpu_ops import RESULTS
 from benchmarks.models import MODELS, ModelSpec
+from dreamblend.store import is_cross_attention
 
 __all__ = ["cross_attention_layers", "main", "map_work"]
 
@@ -42,7 +43,7 @@ def cross_attention_layers(spec: ModelSpec) -> Counter[Shape]:
     levels = len(unet.down_blocks)
     counts: Counter[Shape] = Counter()
     for name, module in unet.named_modules():
-        if not getattr(module, "is_cross_attention", False):
+        if not is_cross_attention(module):
             continue
         block, index = name.split(".")[:2]
         if block == "down_blocks":

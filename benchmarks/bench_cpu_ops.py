@@ -7,6 +7,9 @@ with q, k, v laid out as the attention processor hands them over: ``(B, H, L, D)
 - ``capture``: forward only, ``out`` plus float32 per-head maps of all tokens (G's pass);
 - ``guided``: forward + backward, ``q`` requiring grad, ``out`` receiving a downstream gradient
   and the per-sample L1 loss against a reference map a unit one (E's guidance pass).
+- ``train``: capture's forward + backward, ``q``, ``k`` and ``v`` requiring grad, ``out`` receiving a
+  downstream gradient and the maps a weighted one (an attention-map loss on a layer whose projections
+  are trained, as AttnDreamBooth's regularizer with LoRA on ``to_q``/``to_k``/``to_v``).
 
 Implementations: ``cpp`` (the C++ ops, what ``backend="auto"`` runs on CPU), ``torch`` (the
 reference backend: custom autograd Functions that recompute P in the backward), ``compiled``
@@ -14,15 +17,15 @@ reference backend: custom autograd Functions that recompute P in the backward), 
 ``torch.compile``, inductor, CPU), ``eager`` (the same math uncompiled: autograd keeps P, as
 pix2pix-zero does), ``sdpa_recompute`` (SDPA output plus ``softmax(q k^T)`` recomputed for the maps),
 ``sdpa`` (attention with no maps: the floor) and ``gemms`` (no attention at all: the matrix products
-of a recomputing implementation alone, two for capture and five for guided, in the reference's
-batched form: what those products cost through ``torch.matmul``, which at these shapes runs well
-below the machine's peak, so not a bound; the bound is below).
+of a recomputing implementation alone, two for capture, five for guided and seven for train, in the
+reference's batched form: what those products cost through ``torch.matmul``, which at these shapes
+runs well below the machine's peak, so not a bound; the bound is below).
 
 Bound: the matrix products of the pass as the eager reference runs them (it keeps P: two for
-capture, four for guided, ``2 B H M N D`` FLOPs each) at this machine's measured matrix-product peak
-(``peak_gflops``: the best rate of large contiguous ``torch.mm`` calls in the dtype, same thread count),
-the least time any implementation of the pass can take here. A target of 1.5x the torch reference can
-only be met where that reference's time / 1.5 is at least the bound.
+capture, four for guided, six for train, ``2 B H M N D`` FLOPs each) at this machine's measured
+matrix-product peak (``peak_gflops``: the best rate of large contiguous ``torch.mm`` calls in the
+dtype, same thread count), the least time any implementation of the pass can take here. A target of
+1.5x the torch reference can only be met where that reference's time / 1.5 is at least the bound.
 
 Time: median of ``--repeats`` perf_counter-timed calls after ``--warmup`` (compilation included in
 the warmup). Memory: the peak resident memory a call adds above what was resident before it,
@@ -79,7 +82,8 @@ def _probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
 
 
 def implementations(kind: str, scale: float) -> dict[str, Callable]:
-    """``fn(q, k, v, ref, d_out)`` per implementation: capture returns (out, maps), guided returns dq."""
+    """``fn(q, k, v, ref, d_out)`` per implementation: capture returns (out, maps), guided returns dq,
+    train (dq, dk, dv)."""
     cpp = resolve_backend("cpp", torch.device("cpu"))
     compiled_math = torch.compile(_math, dynamic=False)
 
@@ -109,21 +113,37 @@ def implementations(kind: str, scale: float) -> dict[str, Callable]:
             return out, None
         torch.matmul(d_out, v.transpose(-1, -2))  # dP
         torch.matmul(q, k.transpose(-1, -2))  # the backward's recompute
-        return torch.matmul(p, k)  # dQ
+        dq = torch.matmul(p, k)
+        if kind == "guided":
+            return dq
+        return dq, torch.matmul(p.transpose(-1, -2), q), torch.matmul(p.transpose(-1, -2), d_out)  # dK, dV
 
+    captures = {
+        "cpp": lambda q, k, v, ref, d_out: cpp.capture_attention(q, k, v, scale, None, False),
+        "torch": lambda q, k, v, ref, d_out: reference.capture_attention(q, k, v, scale, None, False),
+        "compiled": lambda q, k, v, ref, d_out: compiled_math(q, k, v, scale),
+        "eager": lambda q, k, v, ref, d_out: _math(q, k, v, scale),
+        "sdpa_recompute": lambda q, k, v, ref, d_out: (
+            F.scaled_dot_product_attention(q, k, v),
+            _probs(q, k, scale),
+        ),
+        "sdpa": lambda q, k, v, ref, d_out: (F.scaled_dot_product_attention(q, k, v), None),
+    }
     if kind == "capture":
-        return {
-            "cpp": lambda q, k, v, ref, d_out: cpp.capture_attention(q, k, v, scale, None, False),
-            "torch": lambda q, k, v, ref, d_out: reference.capture_attention(q, k, v, scale, None, False),
-            "compiled": lambda q, k, v, ref, d_out: compiled_math(q, k, v, scale),
-            "eager": lambda q, k, v, ref, d_out: _math(q, k, v, scale),
-            "sdpa_recompute": lambda q, k, v, ref, d_out: (
-                F.scaled_dot_product_attention(q, k, v),
-                _probs(q, k, scale),
-            ),
-            "sdpa": lambda q, k, v, ref, d_out: (F.scaled_dot_product_attention(q, k, v), None),
-            "gemms": gemms,
-        }
+        return {**captures, "gemms": gemms}
+    if kind == "train":
+
+        def trained(capture: Callable) -> Callable:
+            def step(q, k, v, ref, d_out):
+                q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+                out, maps = capture(q, k, v, ref, d_out)
+                # ``ref`` (B, H, M, N) stands in for the maps' gradient; sdpa has no maps to take it.
+                outputs, grads = ((out,), (d_out,)) if maps is None else ((out, maps), (d_out, ref))
+                return torch.autograd.grad(outputs, (q, k, v), grads)
+
+            return step
+
+        return {**{name: trained(fn) for name, fn in captures.items()}, "gemms": gemms}
 
     def math_and_loss(q, k, v, ref):
         out, probs = _math(q, k, v, scale)
@@ -173,8 +193,9 @@ PEAK_SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), (4096, 256, 256))  # (m, 
 
 
 def pass_flops(kind: str, m: int, heads: int, d: int, batch: int) -> int:
-    """FLOPs of the pass's products as the reference runs them: q k^T and P V, then dO V^T and dS K."""
-    products = 2 if kind == "capture" else 4
+    """FLOPs of the pass's products as the reference runs them: q k^T and P V, then dO V^T and dS K,
+    and for train dS^T Q and P^T dO."""
+    products = {"capture": 2, "guided": 4, "train": 6}[kind]
     return products * 2 * batch * heads * m * TEXT_TOKENS * d
 
 
@@ -265,7 +286,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=sorted(LAYERS), default=["sd15", "sdxl"])
     parser.add_argument("--batch", nargs="+", type=int, default=[1])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32"])
-    parser.add_argument("--passes", nargs="+", choices=["capture", "guided"], default=["capture", "guided"])
+    parser.add_argument(
+        "--passes", nargs="+", choices=["capture", "guided", "train"], default=["capture", "guided"]
+    )
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=2)

@@ -29,12 +29,30 @@ def test_implementations_agree() -> None:
         torch.testing.assert_close(guided[name](q, k, v, ref, d_out), dq, msg=name)
 
 
+def test_train_pass_gradients_agree() -> None:
+    """dQ, dK and dV of the out and map gradients, every implementation with maps against the torch
+    reference (float64); sdpa, which has no maps, matches the reference's gradient of out alone."""
+    q, k, v, ref, d_out = bench_cpu_ops.make_problem(96, 3, 16, batch=2, dtype=torch.float64)
+    train = bench_cpu_ops.implementations("train", 16**-0.5)
+    want = train["torch"](q, k, v, ref, d_out)
+    for name in ("cpp", "eager", "sdpa_recompute"):
+        for got, expected, grad in zip(train[name](q, k, v, ref, d_out), want, "qkv", strict=True):
+            torch.testing.assert_close(got, expected, msg=f"{name} d{grad}")
+    q_, k_, v_ = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out, _ = bench_cpu_ops.implementations("capture", 16**-0.5)["torch"](q_, k_, v_, ref, d_out)
+    out_only = torch.autograd.grad(out, (q_, k_, v_), d_out)
+    for got, expected in zip(train["sdpa"](q, k, v, ref, d_out), out_only, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
 def test_gemm_bound_returns_what_the_pass_returns() -> None:
     """``gemms`` is no attention (it is not compared above) but hands back tensors of the pass's shapes."""
     q, k, v, ref, d_out = bench_cpu_ops.make_problem(96, 3, 16, batch=2, dtype=torch.float32)
     out, maps = bench_cpu_ops.implementations("capture", 0.25)["gemms"](q, k, v, ref, d_out)
     assert out.shape == q.shape and maps is None
     assert bench_cpu_ops.implementations("guided", 0.25)["gemms"](q, k, v, ref, d_out).shape == q.shape
+    dq, dk, dv = bench_cpu_ops.implementations("train", 0.25)["gemms"](q, k, v, ref, d_out)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
 
 
 def test_peak_bytes_measures_a_call() -> None:
@@ -43,10 +61,12 @@ def test_peak_bytes_measures_a_call() -> None:
 
 
 def test_pass_flops_count_the_reference_products() -> None:
-    """Capture: q k^T and P V; guided adds dO V^T and dS K; 2 B H M N D FLOPs each (N = 77 tokens)."""
+    """Capture: q k^T and P V; guided adds dO V^T and dS K, train also dS^T Q and P^T dO; 2 B H M N D
+    FLOPs each (N = 77 tokens)."""
     one = 2 * 2 * 3 * 96 * 77 * 16
     assert bench_cpu_ops.pass_flops("capture", 96, 3, 16, batch=2) == 2 * one
     assert bench_cpu_ops.pass_flops("guided", 96, 3, 16, batch=2) == 4 * one
+    assert bench_cpu_ops.pass_flops("train", 96, 3, 16, batch=2) == 6 * one
 
 
 def test_matmul_peak_is_the_best_timed_rate(monkeypatch: pytest.MonkeyPatch) -> None:

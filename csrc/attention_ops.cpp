@@ -165,6 +165,10 @@ inline V pow2(V n) { return std::ldexp(1.0f, static_cast<int>(n)); }
 inline V select_ge(V x, float cut, V a) { return x >= cut ? a : 0.0f; }
 inline float hsum(V a) { return a; }
 inline float hmax(V a) { return a; }
+using Index = int64_t;  // one lane: no offsets
+inline Index lanes_apart(int64_t) { return 0; }
+inline V gather(const float* p, Index) { return *p; }
+inline V gather_tail(const float*, Index, Tail) { return 0.0f; }
 #include "row_kernels.h"
 }  // namespace portable
 
@@ -205,6 +209,13 @@ inline V pow2(V n) {
 inline V select_ge(V x, float cut, V a) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, set1(cut), _CMP_GE_OQ), a); }
 inline float hsum(V a) { return _mm512_reduce_add_ps(a); }
 inline float hmax(V a) { return _mm512_reduce_max_ps(a); }
+using Index = __m512i;  // lane offsets of a gather, in floats
+inline Index lanes_apart(int64_t stride) {
+  return _mm512_mullo_epi32(_mm512_set1_epi32(static_cast<int>(stride)),
+                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+inline V gather(const float* p, Index i) { return _mm512_i32gather_ps(i, p, 4); }
+inline V gather_tail(const float* p, Index i, Tail t) { return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), t, i, p, 4); }
 #include "row_kernels.h"
 }  // namespace avx512
 #ifdef __clang__
@@ -260,6 +271,14 @@ inline float hmax(V a) {
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
+using Index = __m256i;
+inline Index lanes_apart(int64_t stride) {
+  return _mm256_mullo_epi32(_mm256_set1_epi32(static_cast<int>(stride)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline V gather(const float* p, Index i) { return _mm256_i32gather_ps(p, i, 4); }
+inline V gather_tail(const float* p, Index i, Tail t) {
+  return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, i, _mm256_castsi256_ps(t), 4);
+}
 #include "row_kernels.h"
 }  // namespace avx2
 #ifdef __clang__
@@ -309,6 +328,9 @@ void exp_rows(const float* scores, float* probs, int64_t rows, int64_t n, float 
   DREAMBLEND_ROWS(exp_rows, scores, probs, rows, n, scale, stats)
 }
 double l1_rows(const float* a, const float* b, int64_t rows, int64_t n) { DREAMBLEND_ROWS(l1_rows, a, b, rows, n) }
+void transpose_rows(const float* src, int64_t lds, int64_t rows, int64_t n, float* dst, int64_t ld) {
+  DREAMBLEND_ROWS(transpose_rows, src, lds, rows, n, dst, ld)
+}
 void softmax_grad_rows(const float* probs, float* d_probs, const float* ref, float w, float scale, int64_t rows,
                        int64_t n) {
   DREAMBLEND_ROWS(softmax_grad_rows, probs, d_probs, ref, w, scale, rows, n)
@@ -451,6 +473,35 @@ void to_bf16(const float* src, BF16* dst, int64_t n) {
     _mm256_mask_storeu_epi16(dst + c, live, reinterpret_cast<const __m256i&>(y));
   }
 }
+
+// The transpose of (rows, n) float rows in bf16, (n, ld) with ld >= rows; columns past rows zeroed.
+// Each output row (a column of src) is gathered 16 rows at a time.
+void round_transposed(const float* src, int64_t rows, int64_t n, BF16* dst, int64_t ld) {
+  const __m512i stride = _mm512_mullo_epi32(_mm512_set1_epi32(static_cast<int>(n)),
+                                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  for (int64_t c = 0; c < n; ++c) {
+    BF16* out = dst + c * ld;
+    for (int64_t r = 0; r < rows; r += 16) {
+      const __mmask16 live = static_cast<__mmask16>(rows - r >= 16 ? 0xFFFF : (1u << (rows - r)) - 1);
+      const __m512 x = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, stride, src + r * n + c, 4);
+      const __m256bh y = _mm512_cvtneps_pbh(x);
+      _mm256_mask_storeu_epi16(out + r, live, reinterpret_cast<const __m256i&>(y));
+    }
+    std::fill(out + rows, out + ld, BF16(0.0f));
+  }
+}
+
+// width / 16 runs of 16 (a[c], b[c]) pairs into out (2 width elements): a row pair of brgemm's B layout.
+// Columns past `live`, and every b when b is null (the zero row of an odd K), are zero.
+void interleave_rows(const BF16* a, const BF16* b, int64_t live, int64_t width, BF16* out) {
+  for (int64_t c = 0; c < width; c += 16) {
+    const __mmask16 m = static_cast<__mmask16>(live - c >= 16 ? 0xFFFF : live <= c ? 0 : (1u << (live - c)) - 1);
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, a + c));
+    const __m512i hi = b ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, b + c)), 16)
+                         : _mm512_setzero_si512();
+    _mm512_storeu_si512(out + 2 * c, _mm512_or_si512(lo, hi));
+  }
+}
 #ifdef __clang__
 #pragma clang attribute pop
 #else
@@ -474,14 +525,6 @@ void round_rows(const float* src, int64_t rows, int64_t n, BF16* dst, int64_t ld
   }
 }
 
-// The transpose of (rows, n) float rows in bf16, (n, ld) with ld >= rows; columns past rows zeroed.
-void round_transposed(const float* src, int64_t rows, int64_t n, BF16* dst, int64_t ld) {
-  for (int64_t c = 0; c < n; ++c) {
-    for (int64_t r = 0; r < rows; ++r) dst[c * ld + r] = BF16(src[r * n + c]);
-    std::fill(dst + c * ld + rows, dst + (c + 1) * ld, BF16(0.0f));
-  }
-}
-
 // Packs the (k, n) operand B for brgemm into dst (packed_size(k, n)): B's rows are src's rows (stride
 // ld), or with `transposed` its columns (B = src^T for src (n, k)). Each column block of `width` holds row
 // pairs interleaved, element (r, c) at ((r / 2) * width + c) * 2 + r % 2, zero past k and n: oneDNN's
@@ -492,11 +535,18 @@ void pack_b(const BF16* src, int64_t ld, bool transposed, int64_t k, int64_t n, 
   for (int64_t c0 = 0; c0 < np; c0 += 64) {
     const int64_t width = std::min<int64_t>(64, np - c0), live = std::max<int64_t>(0, std::min(width, n - c0));
     BF16* block = dst + kp * c0;
+    if (!transposed) {  // rows of src are rows of B: pairs of them interleaved, 16 columns at a time
+      for (int64_t r = 0; r < kp; r += 2) {
+        interleave_rows(src + r * ld + c0, r + 1 < k ? src + (r + 1) * ld + c0 : nullptr, live, width,
+                        block + r * width);
+      }
+      continue;
+    }
     for (int64_t r = 0; r < kp; ++r) {
       BF16* out = block + (r / 2) * width * 2 + r % 2;
       int64_t c = 0;
       if (r < k) {
-        for (; c < live; ++c) out[2 * c] = transposed ? src[(c0 + c) * ld + r] : src[r * ld + c0 + c];
+        for (; c < live; ++c) out[2 * c] = src[(c0 + c) * ld + r];
       }
       for (; c < width; ++c) out[2 * c] = zero;
     }
@@ -635,10 +685,7 @@ struct BrgemmProducts : TransposedGrads<BrgemmProducts> {
     }
     float* dst = c.data.data() + j * size;
     if (!c.made[j]) {
-      const float* src = x.at(t.b, h, 0);
-      for (int64_t n = 0; n < s.N; ++n) {
-        for (int64_t d = 0; d < s.D; ++d) dst[d * s.N + n] = src[n * x.sr + d];
-      }
+      transpose_rows(x.at(t.b, h, 0), x.sr, s.N, s.D, dst, s.N);
       c.made[j] = true;
     }
     return dst;
@@ -661,9 +708,7 @@ struct BrgemmProducts : TransposedGrads<BrgemmProducts> {
   void transposed_product(Scratch& w, const Tile& t, const float* x, const float* rows, int64_t ld,
                           float* part) const {
     w.t.resize(s.N * kTileRows);
-    for (int64_t r = 0; r < t.rows; ++r) {
-      for (int64_t n = 0; n < s.N; ++n) w.t[n * t.rows + r] = x[r * s.N + n];
-    }
+    transpose_rows(x, s.N, t.rows, s.N, w.t.data(), t.rows);
     cpublas::brgemm(s.N, s.D, t.rows, t.rows, ld, s.D, false, w.t.data(), rows, part);
   }
 };

@@ -5,7 +5,8 @@
 //   load_tail(p, tail, fill) (fill in the masked-off lanes), store_tail, where_tail(tail, a, fill) (a in
 //   the tail's live lanes, fill in the others), add, sub, mul, fmadd (a b + c),
 //   max, absolute, step (w where a > 0, -w where a < 0, else 0), round_even, pow2 (2^n for integral
-//   n in [-126, 127]), select_ge (a where x >= cut, else 0), hsum and hmax.
+//   n in [-126, 127]), select_ge (a where x >= cut, else 0), hsum and hmax; Index, lanes_apart(stride) (lane
+//   i at i * stride floats), gather(p, index) and gather_tail(p, index, tail) (0 in masked-off lanes).
 // The exp is Cephes' expf for x <= 0 (2^n exp(f), |f| <= ln2 / 2, degree 6, within 2 ulp), 0 below
 // -87.3 where expf is subnormal; libm's expf differs from it in the last bit or two.
 
@@ -122,5 +123,18 @@ void softmax_grad_rows(const float* probs, float* d_probs, const float* ref, flo
     const V shift = set1(hsum(delta));
     for (int64_t c = 0; c < body; c += W) store(d + c, mul(mul(load(p + c), sub(load(d + c), shift)), out_scale));
     store_tail(d + body, tail, mul(mul(p_tail, sub(d_tail, shift)), out_scale));
+  }
+}
+
+// dst (n, ld) = the transpose of the (rows, n) matrix src with row stride lds; dst's columns past rows are
+// left as they are. Each dst row (a column of src) is gathered W rows at a time.
+void transpose_rows(const float* src, int64_t lds, int64_t rows, int64_t n, float* dst, int64_t ld) {
+  const int64_t body = rows - rows % W;
+  const Tail tail = tail_of(rows % W);
+  const Index offsets = lanes_apart(lds);
+  for (int64_t c = 0; c < n; ++c) {
+    float* out = dst + c * ld;
+    for (int64_t r = 0; r < body; r += W) store(out + r, gather(src + r * lds + c, offsets));
+    if (body < rows) store_tail(out + body, tail, gather_tail(src + body * lds + c, offsets, tail));
   }
 }

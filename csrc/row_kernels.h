@@ -1,5 +1,5 @@
-// Row kernels over a tile's (rows, n) float rows: softmax, the L1 distance to a reference and the
-// softmax backward. Included once per instruction set by attention_ops.cpp (no include guard), inside a
+// Row kernels over a tile's (rows, n) float rows: softmax, the L1 distance to a reference, the
+// softmax backward and a transpose. Included once per instruction set by attention_ops.cpp (no include guard), inside a
 // namespace that first defines the vector primitives:
 //   V, W (lanes), Tail (a mask for the last n % W lanes), tail_of(t), set1, load, store,
 //   load_tail(p, tail, fill) (fill in the masked-off lanes), store_tail, where_tail(tail, a, fill) (a in
@@ -126,15 +126,19 @@ void softmax_grad_rows(const float* probs, float* d_probs, const float* ref, flo
   }
 }
 
-// dst (n, ld) = the transpose of the (rows, n) matrix src with row stride lds; dst's columns past rows are
-// left as they are. Each dst row (a column of src) is gathered W rows at a time.
-void transpose_rows(const float* src, int64_t lds, int64_t rows, int64_t n, float* dst, int64_t ld) {
+// dst (n, ld) = the transpose of (rows, n) float rows src; dst's columns past rows are left as they are.
+// W rows at a time (in L1 while every column of theirs is gathered into dst). The (N, D) k and v
+// operands stay with a plain loop: their rows lie H D floats apart, and gathering them was no faster.
+void transpose_rows(const float* src, int64_t rows, int64_t n, float* dst, int64_t ld) {
   const int64_t body = rows - rows % W;
   const Tail tail = tail_of(rows % W);
-  const Index offsets = lanes_apart(lds);
-  for (int64_t c = 0; c < n; ++c) {
-    float* out = dst + c * ld;
-    for (int64_t r = 0; r < body; r += W) store(out + r, gather(src + r * lds + c, offsets));
-    if (body < rows) store_tail(out + body, tail, gather_tail(src + body * lds + c, offsets, tail));
+  const Index offsets = lanes_apart(n);
+  for (int64_t r = 0; r < body; r += W) {
+    for (int64_t c = 0; c < n; ++c) store(dst + c * ld + r, gather(src + r * n + c, offsets));
+  }
+  if (body < rows) {
+    for (int64_t c = 0; c < n; ++c) {
+      store_tail(dst + c * ld + body, tail, gather_tail(src + body * n + c, offsets, tail));
+    }
   }
 }

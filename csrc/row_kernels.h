@@ -1,6 +1,6 @@
 // Row kernels over a tile's (rows, n) float rows: softmax, the L1 distance to a reference, the
-// softmax backward and a transpose. Included once per instruction set by attention_ops.cpp (no include guard), inside a
-// namespace that first defines the vector primitives:
+// softmax backward and a transpose. Included once per instruction set by attention_ops.cpp (no include
+// guard), inside a namespace that first defines the vector primitives:
 //   V, W (lanes), Tail (a mask for the last n % W lanes), tail_of(t), set1, load, store,
 //   load_tail(p, tail, fill) (fill in the masked-off lanes), store_tail, where_tail(tail, a, fill) (a in
 //   the tail's live lanes, fill in the others), add, sub, mul, fmadd (a b + c),

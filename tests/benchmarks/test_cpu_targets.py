@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -162,3 +164,19 @@ def test_report_runs_on_written_records(tmp_path: Path, capsys: pytest.CaptureFi
     out = capsys.readouterr().out
     assert "1 of 1 op rows meet every target." in out
     assert "| 2 | sd15 float32 b1 | 8.90 (1) | eager 9.10 (1) | yes |" in out
+
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "run_cpu.sh"
+
+
+def test_protocol_script_refuses_an_unknown_stage() -> None:
+    result = subprocess.run(["bash", str(SCRIPT), "bogus"], capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown stage 'bogus'" in result.stderr
+
+
+def test_protocol_script_checks_the_targets_of_the_committed_records() -> None:
+    env = {**os.environ, "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(SCRIPT), "targets"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "## Op: cpp vs the torch reference" in result.stdout
+    assert "## Memory: peak RSS of isolated processes" in result.stdout

@@ -14,8 +14,9 @@ from records rather than tallied by hand:
   guided peer's, over all their processes (target: ours the lowest in every one).
 
 Records count only where they measured this checkout's code: a record's revision must be a commit
-whose library, C++ and harness sources are identical to the working tree's (docs and result files
-may differ), and records marked ``+dirty`` are left out. ``--revisions`` names revisions instead.
+whose ops, guided-step modules, C++ and harness sources are identical to the working tree's
+(``MEASURED_CODE``; docs, result files and the rest of the library may differ), and records marked
+``+dirty`` are left out. ``--revisions`` names revisions instead.
 
     python -m benchmarks.cpu_targets                   # this machine's CPU
     python -m benchmarks.cpu_targets --machine "Intel(R) Xeon(R) Processor" --revisions 2d8f890
@@ -43,10 +44,16 @@ __all__ = ["main", "matching_revisions", "memory_rows", "op_rows", "ranking_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-# What a timing depends on: the library, the C++ and Triton sources, the build, and the harness modules
-# that build and time the workloads. A revision that differs from the working tree here measured other code.
+# What a timing depends on: the ops (C++ and Triton sources included), the processor, store and sampler a
+# guided step runs, the toy model, the build, and the harness modules that build and time the workloads.
+# A revision that differs from the working tree here measured other code; one that differs elsewhere
+# (commands, web app, JeDi, docs) did not.
 MEASURED_CODE = (
-    "dreamblend",
+    "dreamblend/ops",
+    "dreamblend/processor.py",
+    "dreamblend/store.py",
+    "dreamblend/pipelines",
+    "dreamblend/toyworld",
     "kernels",
     "csrc",
     "setup.py",

@@ -16,7 +16,8 @@ from records rather than tallied by hand:
 Records count only where they measured this checkout's code: a record's revision must be a commit
 whose ops, guided-step modules, C++ and harness sources are identical to the working tree's
 (``MEASURED_CODE``; docs, result files and the rest of the library may differ), and records marked
-``+dirty`` are left out. ``--revisions`` names revisions instead.
+``+dirty`` are left out. ``--revisions`` names revisions instead (prefixes; their ``+dirty`` records
+count: records taken before the harness stopped counting its own result files as a change).
 
     python -m benchmarks.cpu_targets                   # this machine's CPU
     python -m benchmarks.cpu_targets --machine "Intel(R) Xeon(R) Processor" --revisions 2d8f890
@@ -29,7 +30,7 @@ import json
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,18 +97,25 @@ def matching_revisions(
     return same
 
 
-def selected(records: Iterable[Row], machine: str, revisions: Sequence[str]) -> list[Row]:
-    """Records of ``machine`` (CPU name) whose revision starts with one of ``revisions``."""
+def selected(
+    records: Iterable[Row], machine: str, revisions: Sequence[str], exact: bool = False
+) -> list[Row]:
+    """Records of ``machine`` (CPU name) whose revision is one of ``revisions`` (``exact``) or starts with
+    one of them (so a named revision also takes its ``+dirty`` records)."""
+
+    def wanted(revision: str) -> bool:
+        return revision in revisions if exact else any(revision.startswith(rev) for rev in revisions)
+
     return [
         r
         for r in records
         if r["device"].get("type", "cpu") == "cpu"
         and r["device"].get("name") == machine
-        and any(str(r.get("git_revision", "")).startswith(rev) for rev in revisions)
+        and wanted(str(r.get("git_revision", "")))
     ]
 
 
-def _latest(records: Iterable[Row], key) -> dict[tuple, Row]:
+def _latest(records: Iterable[Row], key: Callable[[Row], tuple]) -> dict[tuple, Row]:
     """The newest record per key (a rerun replaces an earlier one)."""
     chosen: dict[tuple, Row] = {}
     for r in sorted(records, key=lambda r: r.get("date", "")):
@@ -348,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--revisions",
         nargs="+",
-        help="revisions (prefixes) to read (default: those that ran this checkout's code)",
+        help="revisions (prefixes; +dirty records included) to read (default: those that ran this code)",
     )
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the JSONL result files")
     parser.add_argument(
@@ -364,7 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         revisions = sorted(matching_revisions(seen))
         print(f"records of this checkout's code: {len(revisions)} revision(s) {[r[:7] for r in revisions]}")
     ops, paired, e2e = (
-        selected(files[name], args.machine, revisions) for name in ("cpu_ops", "paired", "e2e")
+        selected(files[name], args.machine, revisions, exact=args.revisions is None)
+        for name in ("cpu_ops", "paired", "e2e")
     )
     print(f"machine {args.machine!r}: {len(ops)} op, {len(paired)} paired, {len(e2e)} end-to-end records\n")
     print(format_report(op_rows(ops), ranking_rows(paired), memory_rows(e2e, args.ours), args.ours))

@@ -159,7 +159,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def git_revision() -> str:
-    """HEAD of the checkout (``+dirty`` with uncommitted changes); BENCH_GIT_REVISION overrides."""
+    """HEAD of the checkout (``+dirty`` with uncommitted changes outside the result files, which runs
+    append to); BENCH_GIT_REVISION overrides."""
     if revision := os.environ.get("BENCH_GIT_REVISION"):
         return revision
     try:
@@ -168,7 +169,8 @@ def git_revision() -> str:
         ).stdout.strip()
         dirty = subprocess.run(
             # --no-optional-locks: a status query must not rewrite the index of the checkout
-            ["git", "--no-optional-locks", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "--no-optional-locks", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"]
+            + ["--", ".", ":(exclude)benchmarks/results"],
             capture_output=True,
             text=True,
             check=True,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cpu_targets
+from benchmarks import cpu_targets, e2e
 
 MIB = 2**20
 GIB = 2**30
@@ -40,6 +40,30 @@ def test_only_revisions_with_the_checked_out_code_match(tmp_path: Path) -> None:
     assert cpu_targets.matching_revisions(revisions, tmp_path, ("csrc",)) == {code, docs}
     (tmp_path / "csrc" / "op.cpp").write_text("v3, not committed")  # the working tree is what runs
     assert cpu_targets.matching_revisions(revisions, tmp_path, ("csrc",)) == set()
+
+
+def test_a_run_appending_to_the_result_files_leaves_the_revision_clean(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records of a second run in one checkout must not be called ``+dirty`` for the first run's lines."""
+    _git(tmp_path, "init", "-q")
+    head = _commit(tmp_path, {"csrc/op.cpp": "v1", "benchmarks/results/e2e.jsonl": ""}, "code")
+    monkeypatch.setattr(e2e, "ROOT", tmp_path)
+    monkeypatch.delenv("BENCH_GIT_REVISION", raising=False)
+    (tmp_path / "benchmarks/results/e2e.jsonl").write_text("{}\n")
+    assert e2e.git_revision() == head
+    (tmp_path / "csrc/op.cpp").write_text("v2")
+    assert e2e.git_revision() == head + "+dirty"
+
+
+def test_default_selection_takes_exact_revisions_and_named_ones_their_dirty_records() -> None:
+    records = [
+        {"device": {"type": "cpu", "name": "CPU"}, "git_revision": "abc1234def"},
+        {"device": {"type": "cpu", "name": "CPU"}, "git_revision": "abc1234def+dirty"},
+        {"device": {"type": "cpu", "name": "other"}, "git_revision": "abc1234def"},
+    ]
+    assert len(cpu_targets.selected(records, "CPU", ["abc1234def"], exact=True)) == 1
+    assert len(cpu_targets.selected(records, "CPU", ["abc1234"])) == 2
 
 
 def _op(

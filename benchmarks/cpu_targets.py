@@ -30,7 +30,7 @@ import json
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,14 +115,6 @@ def selected(
     ]
 
 
-def _latest(records: Iterable[Row], key: Callable[[Row], tuple]) -> dict[tuple, Row]:
-    """The newest record per key (a rerun replaces an earlier one)."""
-    chosen: dict[tuple, Row] = {}
-    for r in sorted(records, key=lambda r: r.get("date", "")):
-        chosen[key(r)] = r
-    return chosen
-
-
 def _memory_verdict(ours: int | None, others: Sequence[int | None]) -> str:
     known = [b for b in others if b is not None]
     if ours is None or not known:
@@ -135,28 +127,21 @@ def _memory_verdict(ours: int | None, others: Sequence[int | None]) -> str:
 
 def op_rows(records: Iterable[Row]) -> list[Row]:
     """One row per (threads, model, layer, batch, dtype, pass) with a C++ record: its ratios to the torch
-    and compiled references and whether each target is met."""
-    latest = _latest(
-        records,
-        lambda r: (
-            r["device"].get("threads"),
-            r["model"],
-            r["layer"]["M"],
-            r["layer"]["heads"],
-            r["layer"]["head_dim"],
-            r["batch"],
-            r["dtype"],
-            r["pass"],
-            r["impl"],
-        ),
-    )
-    cases: dict[tuple, dict[str, Row]] = {}
-    for key, r in latest.items():
-        cases.setdefault(key[:-1], {})[key[-1]] = r
+    and compiled references and whether each target is met. Ratios come from one invocation (the newest
+    with a C++ record; an invocation's records share their ``date``), never from runs minutes apart."""
+    runs: dict[tuple, dict[str, dict[str, Row]]] = {}
+    for r in records:
+        layer = r["layer"]
+        case = (r["device"].get("threads"), r["model"], layer["M"], layer["heads"], layer["head_dim"])
+        case += (r["batch"], r["dtype"], r["pass"])
+        runs.setdefault(case, {}).setdefault(r.get("date", ""), {})[r["impl"]] = r
+    cases = {}
+    for case, by_date in runs.items():
+        with_cpp = [date for date, impls in by_date.items() if "cpp" in impls]
+        if with_cpp:
+            cases[case] = by_date[max(with_cpp)]
     rows = []
     for case, impls in sorted(cases.items(), key=lambda item: tuple(map(str, item[0]))):
-        if "cpp" not in impls:
-            continue
         cpp = impls["cpp"]
         torch_ratio = impls["torch"]["median_ms"] / cpp["median_ms"] if "torch" in impls else None
         compiled_ratio = impls["compiled"]["median_ms"] / cpp["median_ms"] if "compiled" in impls else None

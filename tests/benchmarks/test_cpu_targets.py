@@ -90,11 +90,13 @@ def test_op_rows_check_each_target() -> None:
         _op("cpp", 2.0, 10 * MIB),
         _op("torch", 3.0, 10 * MIB + MIB // 20),
         _op("compiled", 2.1, 12 * MIB),
-        # guided: a stale cpp record replaced by the newer one; 1.45x the reference: not met
+        # guided: an older invocation replaced by the newest; there 1.45x the reference: not met
         _op("cpp", 1.0, 1 * MIB, "guided", date="0"),
+        _op("torch", 9.0, 5 * MIB, "guided", date="0"),
+        _op("compiled", 9.0, 5 * MIB, "guided", date="0"),
         _op("cpp", 2.0, 1 * MIB, "guided", date="2"),
-        _op("torch", 2.9, 5 * MIB, "guided"),
-        _op("compiled", 2.5, 5 * MIB, "guided"),
+        _op("torch", 2.9, 5 * MIB, "guided", date="2"),
+        _op("compiled", 2.5, 5 * MIB, "guided", date="2"),
         # train: fast but more memory than the compiled reference: not met
         _op("cpp", 1.0, 6 * MIB, "train"),
         _op("torch", 3.0, 9 * MIB, "train"),
@@ -102,13 +104,21 @@ def test_op_rows_check_each_target() -> None:
         # one thread: no compiled record, so that target is not shown as met
         _op("cpp", 1.0, MIB, threads=1),
         _op("torch", 2.0, 2 * MIB, threads=1),
+        # SDXL: the newest invocation timed cpp alone; an older one's references are not mixed in
+        {**_op("cpp", 1.0, MIB), "model": "sdxl"},
+        {**_op("torch", 9.0, MIB), "model": "sdxl"},
+        {**_op("cpp", 1.0, MIB, date="3"), "model": "sdxl"},
     ]
-    rows = {(r["threads"], r["case"].rsplit(", ", 1)[1]): r for r in cpu_targets.op_rows(records)}
-    assert rows[2, "capture"]["met"] and rows[2, "capture"]["memory"] == "equal"
-    assert rows[2, "guided"]["torch_ratio"] == pytest.approx(1.45) and not rows[2, "guided"]["met"]
-    assert rows[2, "guided"]["memory"] == "lower"
-    assert rows[2, "train"]["memory"] == "higher" and not rows[2, "train"]["met"]
-    assert rows[1, "capture"]["compiled_ratio"] is None and not rows[1, "capture"]["met"]
+    rows = {
+        (r["threads"], r["case"].split()[0], r["case"].rsplit(", ", 1)[1]): r
+        for r in cpu_targets.op_rows(records)
+    }
+    assert rows[2, "sd15", "capture"]["met"] and rows[2, "sd15", "capture"]["memory"] == "equal"
+    guided = rows[2, "sd15", "guided"]
+    assert guided["torch_ratio"] == pytest.approx(1.45) and guided["memory"] == "lower" and not guided["met"]
+    assert rows[2, "sd15", "train"]["memory"] == "higher" and not rows[2, "sd15", "train"]["met"]
+    assert rows[1, "sd15", "capture"]["compiled_ratio"] is None and not rows[1, "sd15", "capture"]["met"]
+    assert rows[2, "sdxl", "capture"]["torch_ratio"] is None and not rows[2, "sdxl", "capture"]["met"]
 
 
 def _paired(peer: str, ratios: list[float], run: str = "r1") -> dict:

@@ -36,14 +36,14 @@ from typing import Any
 
 import torch
 
-from benchmarks.paired import bootstrap_median_ci
+from benchmarks.e2e import ROOT
+from benchmarks.paired import bootstrap_median_ci, pool_ratios
 from benchmarks.peers import PEERS
 from dreamblend.cpu_info import cpu_model
 from dreamblend.ops import resolved_backend_name
 
 __all__ = ["main", "matching_revisions", "memory_rows", "op_rows", "ranking_rows"]
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 # What a timing depends on: the ops (C++ and Triton sources included), the processor, store and sampler a
 # guided step runs, the toy model, the build, and the harness modules that build and time the workloads.
@@ -172,23 +172,10 @@ def op_rows(records: Iterable[Row]) -> list[Row]:
 
 def ranking_rows(records: Iterable[Row]) -> list[Row]:
     """Every peer's paired ratios to ours pooled per (threads, model, dtype, batch, peer, reference)."""
-    groups: dict[tuple, list[float]] = {}
-    runs: dict[tuple, set[str]] = {}
-    for r in records:
-        if r.get("paired") is None:
-            continue
-        key = (
-            r["device"].get("threads"),
-            r["model"],
-            r["dtype"],
-            r["batch"],
-            r["peer"],
-            r["paired"]["reference"],
-        )
-        groups.setdefault(key, []).extend(r["paired"]["ratios"])
-        runs.setdefault(key, set()).add(r["run_id"])
     rows = []
-    for key, ratios in sorted(groups.items(), key=lambda item: tuple(map(str, item[0]))):
+    for key, (ratios, runs) in sorted(
+        pool_ratios(records).items(), key=lambda item: tuple(map(str, item[0]))
+    ):
         threads, model, dtype, batch, peer, reference = key
         low, high = bootstrap_median_ci(ratios)
         if peer == "guided_floor":
@@ -202,7 +189,7 @@ def ranking_rows(records: Iterable[Row]) -> list[Row]:
                 "peer": peer,
                 "reference": reference,
                 "rounds": len(ratios),
-                "runs": len(runs[key]),
+                "runs": len(runs),
                 "median": statistics.median(ratios),
                 "ci95": (low, high),
                 "verdict": verdict,

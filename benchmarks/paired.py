@@ -43,7 +43,7 @@ from benchmarks.peers import PEERS, UNets, attached
 from benchmarks.workloads import Run, middle_step
 from dreamblend.ops import cpp, resolved_backend_name
 
-__all__ = ["bootstrap_median_ci", "main", "paired_ratios", "rotation"]
+__all__ = ["bootstrap_median_ci", "main", "paired_ratios", "pool_ratios", "rotation"]
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "paired.jsonl"
 DEFAULT_PEERS = ("guided_floor", "eager", "sdpa_recompute")
@@ -233,6 +233,19 @@ def describe(record: dict[str, Any]) -> str:
     )
 
 
+def pool_ratios(records: Iterable[dict[str, Any]]) -> dict[tuple[Any, ...], tuple[list[float], set[str]]]:
+    """Every paired record's per-round ratios, pooled per (threads, model, dtype, batch, peer, reference),
+    with the runs they came from."""
+    groups: dict[tuple[Any, ...], tuple[list[float], set[str]]] = {}
+    for r in records:
+        if r["paired"] is not None:
+            key = (r["device"].get("threads"), r["model"], r["dtype"], r["batch"], r["peer"])
+            ratios, runs = groups.setdefault((*key, r["paired"]["reference"]), ([], set()))
+            ratios.extend(r["paired"]["ratios"])
+            runs.add(r["run_id"])
+    return groups
+
+
 def pooled(records: Iterable[dict[str, Any]], run_ids: Sequence[str]) -> list[str]:
     """The named runs' ratios pooled per (model, dtype, batch, peer, reference): more rounds than one
     run had time for. The runs must come from one machine at one thread count."""
@@ -243,20 +256,12 @@ def pooled(records: Iterable[dict[str, Any]], run_ids: Sequence[str]) -> list[st
     machines = {(r["device"]["name"], r["device"].get("threads")) for r in runs}
     if len(machines) > 1:
         raise ValueError(f"runs from different machines or thread counts do not pool: {sorted(machines)}")
-    groups: dict[tuple[Any, ...], list[float]] = {}
-    sources: dict[tuple[Any, ...], set[str]] = {}
-    for r in runs:
-        if r["paired"] is not None:
-            key = (r["model"], r["dtype"], r["batch"], r["peer"], r["paired"]["reference"])
-            groups.setdefault(key, []).extend(r["paired"]["ratios"])
-            sources.setdefault(key, set()).add(r["run_id"])
     lines = []
-    for key, ratios in groups.items():
-        model, dtype, batch, peer, reference = key
+    for (_, model, dtype, batch, peer, reference), (ratios, sources) in pool_ratios(runs).items():
         low, high = bootstrap_median_ci(ratios)
         lines.append(
             f"{model} {dtype} b{batch} {peer} / {reference}, {len(ratios)} rounds "
-            f"({len(sources[key])} runs): "
+            f"({len(sources)} runs): "
             f"{statistics.median(ratios):.3f} [{low:.3f}, {high:.3f}], "
             f"{peer} faster in {sum(r < 1.0 for r in ratios)}"
         )

@@ -11,7 +11,8 @@ from records rather than tallied by hand:
   ratio lies above 1, behind where it lies below, unresolved otherwise; the guided floor's ratio is
   how close ours is to the compute floor;
 - **memory** (``e2e.jsonl``, isolated CPU processes): ours' peak resident memory against every other
-  guided peer's, over all their processes (target: ours the lowest in every one).
+  guided peer's, over all their processes (target: ours the lowest in every one), and the same for the
+  most tensor memory a step holds (``benchmarks.tensor_peak``), which does not move between processes.
 
 Records count only where they measured this checkout's code: a record's revision must be a commit
 whose ops, guided-step modules, C++ and harness sources are identical to the working tree's
@@ -200,14 +201,18 @@ def ranking_rows(records: Iterable[Row]) -> list[Row]:
 
 def memory_rows(records: Iterable[Row], ours: str) -> list[Row]:
     """Per (threads, model, dtype, batch): ours' peak RSS range over its isolated processes against every
-    other guided peer's (the guided floor, which takes no maps, is not a peer)."""
-    groups: dict[tuple, dict[str, list[int]]] = {}
+    other guided peer's (the guided floor, which takes no maps, is not a peer), and the same for the
+    step's tensor peak where the records have it."""
+    groups: dict[tuple, dict[str, dict[str, list[int]]]] = {}
     for r in records:
         memory = r.get("memory") or {}
         if r.get("status") != "ok" or r.get("workload") != "step" or memory.get("source") != "peak_rss":
             continue
         key = (r["device"].get("threads"), r["model"], r["dtype"], r["batch"])
-        groups.setdefault(key, {}).setdefault(r["peer"], []).append(memory["peak_allocated_bytes"])
+        peer = groups.setdefault(key, {}).setdefault(r["peer"], {"rss": [], "tensors": []})
+        peer["rss"].append(memory["peak_allocated_bytes"])
+        if "step_tensor_peak_bytes" in memory:
+            peer["tensors"].append(memory["step_tensor_peak_bytes"])
     rows = []
     for key, peaks in sorted(groups.items(), key=lambda item: tuple(map(str, item[0]))):
         if ours not in peaks:
@@ -220,26 +225,43 @@ def memory_rows(records: Iterable[Row], ours: str) -> list[Row]:
         if not others:
             continue
         threads, model, dtype, batch = key
-        highest = max(peaks[ours])
-        rows.append(
-            {
-                "threads": threads,
-                "case": f"{model} {dtype} b{batch}",
-                "ours": (min(peaks[ours]), highest, len(peaks[ours])),
-                "others": {peer: (min(v), max(v), len(v)) for peer, v in others.items()},
-                "met": all(highest <= min(v) for v in others.values()),
+        row: Row = {"threads": threads, "case": f"{model} {dtype} b{batch}"}
+        for what in ("rss", "tensors"):
+            values = {peer: v[what] for peer, v in others.items() if v[what]}
+            if not peaks[ours][what] or not values:
+                row[what] = None
+                continue
+            highest = max(peaks[ours][what])
+            row[what] = {
+                "ours": _span(peaks[ours][what]),
+                "others": {peer: _span(v) for peer, v in values.items()},
+                "met": all(highest <= min(v) for v in values.values()),
             }
-        )
+        rows.append(row)
     return rows
+
+
+def _span(values: list[int]) -> tuple[int, int, int]:
+    return min(values), max(values), len(values)
 
 
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def _gib(low: int, high: int, count: int) -> str:
-    text = f"{low / GIB:.2f}" if low == high else f"{low / GIB:.2f}-{high / GIB:.2f}"
+def _amount(span: tuple[int, int, int], unit: int) -> str:
+    low, high, count = span
+    digits = 2 if unit == GIB else 1
+    text = f"{low / unit:.{digits}f}" if low == high else f"{low / unit:.{digits}f}-{high / unit:.{digits}f}"
     return f"{text} ({count})"
+
+
+def _memory_cells(verdict: Row | None, unit: int) -> tuple[str, str, str]:
+    """Ours, the others and the verdict for one measure of memory; dashes where it was not recorded."""
+    if verdict is None:
+        return "-", "-", "-"
+    others = ", ".join(f"{peer} {_amount(span, unit)}" for peer, span in verdict["others"].items())
+    return _amount(verdict["ours"], unit), others, _yes(verdict["met"])
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
@@ -295,21 +317,21 @@ def format_report(ops: list[Row], ranking: list[Row], memory: list[Row], ours: s
         lines.append(f"\nOurs ahead of {ahead} of {len(beaten)} (configuration, peer) pairs.")
     else:
         lines.append("No paired rounds of this code on this machine: run `python -m benchmarks.paired`.")
-    lines.append(
-        f"\n## Memory: peak RSS of isolated processes, GiB (processes), {ours} against the guided peers\n"
-    )
+    lines.append(f"\n## Memory: isolated processes, {ours} against the other guided peers\n")
     if memory:
         lines += _table(
             (
                 "threads",
                 "model, dtype, batch",
-                ours,
-                "other guided peers",
-                "ours the lowest in every process",
+                f"{ours}: peak RSS, GiB (processes)",
+                "others",
+                "ours the lowest",
+                f"{ours}: step's tensors, MiB",
+                "others",
+                "ours the lowest",
             ),
             (
-                (r["threads"], r["case"], _gib(*r["ours"]))
-                + (", ".join(f"{peer} {_gib(*v)}" for peer, v in r["others"].items()), _yes(r["met"]))
+                (r["threads"], r["case"]) + _memory_cells(r["rss"], GIB) + _memory_cells(r["tensors"], MIB)
                 for r in memory
             ),
         )

@@ -8,7 +8,9 @@ memory is recorded as ``"oom"`` and the run goes on.
 On CUDA every configuration runs in this process (the allocator's peak counter is reset per
 configuration). On CPU (``--isolate``, the default there outside ``--smoke``) each configuration
 runs in a fresh child process that builds G and E itself, so its peak resident memory belongs to
-that configuration alone and no peer inherits another's heap or allocator history. Where the
+that configuration alone and no peer inherits another's heap or allocator history; one more step
+there, under the profiler, gives the most tensor memory a step holds at once
+(:mod:`benchmarks.tensor_peak`), which does not move between processes as the RSS does. Where the
 machine's speed drifts by more than the peers differ, :mod:`benchmarks.paired` ranks them instead.
 
     python -m benchmarks.e2e                      # full matrix on the default device
@@ -53,6 +55,7 @@ from benchmarks.models import (
 )
 from benchmarks.peers import PEERS, Peer, attached
 from benchmarks.schema import SCHEMA_VERSION, validate
+from benchmarks.tensor_peak import tensor_peak_bytes
 from benchmarks.workloads import Run, image, middle_step
 from dreamblend.cpu_info import cpu_model
 from dreamblend.pipelines.blend import resolve_alpha
@@ -314,6 +317,9 @@ def measure(
         repeats = args.repeats if workload == "step" else args.image_repeats
         times = time_ms(one_step if workload == "step" else one_image, repeats, device)
         timing = summarize(times, args.warmup, device)
+        rss_peak = proc_status_bytes("VmHWM") if track_rss else None
+        # After the RSS peak is read: the profiler's own memory is not the configuration's.
+        tensor_peak = tensor_peak_bytes(one_step) if rss_peak is not None and workload == "step" else None
     memory = None
     if cuda:
         memory = {
@@ -322,13 +328,15 @@ def measure(
             "unet_weight_bytes": _weight_bytes(models[0]),
             "source": "cuda_allocator",
         }
-    elif track_rss and (peak := proc_status_bytes("VmHWM")) is not None:
+    elif rss_peak is not None:
         memory = {
-            "peak_allocated_bytes": peak,
+            "peak_allocated_bytes": rss_peak,
             "static_allocated_bytes": static,
             "unet_weight_bytes": _weight_bytes(models[0]),
             "source": "peak_rss",
         }
+        if tensor_peak is not None:
+            memory["step_tensor_peak_bytes"] = tensor_peak
     images_per_s = batch * 1e3 / timing["median_ms"] if workload == "image" else None
     return {"status": "ok", "error": None, "timing": timing, "memory": memory, "images_per_s": images_per_s}
 
@@ -395,6 +403,8 @@ def describe(record: dict[str, Any]) -> str:
     if memory:
         what = "RSS" if memory.get("source") == "peak_rss" else ""
         text += f", peak {what} {memory['peak_allocated_bytes'] / 2**30:.2f} GiB".replace("  ", " ")
+        if "step_tensor_peak_bytes" in memory:
+            text += f", step's tensors {memory['step_tensor_peak_bytes'] / 2**20:.1f} MiB"
     return text
 
 

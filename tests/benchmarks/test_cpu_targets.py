@@ -151,7 +151,17 @@ def test_ranking_pools_runs_and_calls_only_intervals_clear_of_one() -> None:
     assert rows["guided_floor"]["verdict"] == "compute floor"
 
 
-def _e2e(peer: str, gib: float, status: str = "ok", source: str = "peak_rss", batch: int = 1) -> dict:
+def _e2e(
+    peer: str,
+    gib: float,
+    status: str = "ok",
+    source: str = "peak_rss",
+    batch: int = 1,
+    tensors_mib: float | None = None,
+) -> dict:
+    memory = {"peak_allocated_bytes": int(gib * GIB), "source": source}
+    if tensors_mib is not None:
+        memory["step_tensor_peak_bytes"] = int(tensors_mib * MIB)
     return {
         "git_revision": "abc1234def",
         "device": {"type": "cpu", "name": "CPU", "threads": 2},
@@ -161,17 +171,18 @@ def _e2e(peer: str, gib: float, status: str = "ok", source: str = "peak_rss", ba
         "peer": peer,
         "workload": "step",
         "status": status,
-        "memory": {"peak_allocated_bytes": int(gib * GIB), "source": source},
+        "memory": memory,
     }
 
 
 def test_memory_rows_need_ours_below_every_process_of_every_guided_peer() -> None:
     records = [
-        _e2e("ours_cpp", 8.9),
-        _e2e("ours_cpp", 8.95),
-        _e2e("eager", 9.1),
-        _e2e("sdpa_recompute", 9.0),
-        _e2e("guided_floor", 8.8),  # the floor takes no maps: not a peer to beat
+        _e2e("ours_cpp", 8.9, tensors_mib=500.0),
+        _e2e("ours_cpp", 8.95, tensors_mib=500.0),
+        _e2e("eager", 9.1, tensors_mib=700.0),
+        _e2e("sdpa_recompute", 9.0),  # an older record without the tensor peak
+        _e2e("sdpa_recompute", 9.05, tensors_mib=499.0),
+        _e2e("guided_floor", 8.8, tensors_mib=400.0),  # the floor takes no maps: not a peer to beat
         _e2e("floor", 7.0),  # an unguided workload
         _e2e("eager", 1.0, status="oom"),
         _e2e("eager", 1.0, source="cuda_allocator"),
@@ -180,10 +191,14 @@ def test_memory_rows_need_ours_below_every_process_of_every_guided_peer() -> Non
         _e2e("eager", 15.3, batch=4),
     ]
     rows = {r["case"]: r for r in cpu_targets.memory_rows(records, "ours_cpp")}
-    assert rows["sd15 float32 b1"]["met"]
-    assert set(rows["sd15 float32 b1"]["others"]) == {"eager", "sdpa_recompute"}
-    assert rows["sd15 float32 b1"]["ours"] == (int(8.9 * GIB), int(8.95 * GIB), 2)
-    assert not rows["sd15 float32 b4"]["met"]
+    b1, b4 = rows["sd15 float32 b1"], rows["sd15 float32 b4"]
+    assert b1["rss"]["met"] and set(b1["rss"]["others"]) == {"eager", "sdpa_recompute"}
+    assert b1["rss"]["ours"] == (int(8.9 * GIB), int(8.95 * GIB), 2)
+    assert b1["rss"]["others"]["sdpa_recompute"] == (int(9.0 * GIB), int(9.05 * GIB), 2)
+    # by the step's tensors SDPA + recompute holds 1 MiB less, and only its newer record counts
+    assert not b1["tensors"]["met"]
+    assert b1["tensors"]["others"]["sdpa_recompute"] == (int(499 * MIB), int(499 * MIB), 1)
+    assert not b4["rss"]["met"] and b4["tensors"] is None
 
 
 def test_report_runs_on_written_records(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -197,7 +212,7 @@ def test_report_runs_on_written_records(tmp_path: Path, capsys: pytest.CaptureFi
     assert cpu_targets.main(args) == 0
     out = capsys.readouterr().out
     assert "1 of 1 op rows meet every target." in out
-    assert "| 2 | sd15 float32 b1 | 8.90 (1) | eager 9.10 (1) | yes |" in out
+    assert "| 2 | sd15 float32 b1 | 8.90 (1) | eager 9.10 (1) | yes | - | - | - |" in out
 
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "run_cpu.sh"
@@ -213,4 +228,4 @@ def test_protocol_script_checks_the_targets_of_the_committed_records() -> None:
     result = subprocess.run(["bash", str(SCRIPT), "targets"], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert "## Op: cpp vs the torch reference" in result.stdout
-    assert "## Memory: peak RSS of isolated processes" in result.stdout
+    assert "## Memory: isolated processes" in result.stdout

@@ -152,10 +152,15 @@ def test_isolated_cpu_configurations_record_peak_rss(tmp_path: Path) -> None:
     """--isolate: one child process per configuration, each recording its own peak resident memory."""
     out = tmp_path / "isolated.jsonl"
     argv = ["--models", "tiny-sd", "--dtypes", "float32", "--batches", "1", "--workloads", "step"]
-    argv += ["--peers", "floor", "ours_torch", "--warmup", "1", "--repeats", "1", "--threads", "1"]
+    argv += ["--peers", "floor", "ours_torch", "ours_torch"]
+    argv += ["--warmup", "1", "--repeats", "1", "--threads", "1"]
     assert e2e.main([*argv, "--device", "cpu", "--isolate", "--out", str(out)]) == 0
     records = read_records(out)
-    assert [r["peer"] for r in records] == ["floor", "ours_torch"]
+    assert [r["peer"] for r in records] == ["floor", "ours_torch", "ours_torch"]
+    # The step's tensor peak is the same in every process of a configuration, and a guided step
+    # (E's forward kept for its backward) holds more than the floor's unguided one.
+    floor, ours, again = (r["memory"]["step_tensor_peak_bytes"] for r in records)
+    assert ours == again and ours > floor > 0
     for record in records:
         validate(record)
         memory = record["memory"]

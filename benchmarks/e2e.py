@@ -8,8 +8,8 @@ memory is recorded as ``"oom"`` and the run goes on.
 On CUDA every configuration runs in this process (the allocator's peak counter is reset per
 configuration). On CPU (``--isolate``, the default there outside ``--smoke``) each configuration
 runs in a fresh child process that builds G and E itself, so its peak resident memory belongs to
-that configuration alone and no peer inherits another's heap or allocator history; one more step
-there, under the profiler, gives the most tensor memory a step holds at once
+that configuration alone and no peer inherits another's heap or allocator history; two more steps
+there, under the profiler, give the most tensor memory a step holds at once
 (:mod:`benchmarks.tensor_peak`), which does not move between processes as the RSS does. Where the
 machine's speed drifts by more than the peers differ, :mod:`benchmarks.paired` ranks them instead.
 
@@ -319,6 +319,7 @@ def measure(
         timing = summarize(times, args.warmup, device)
         rss_peak = proc_status_bytes("VmHWM") if track_rss else None
         # After the RSS peak is read: the profiler's own memory is not the configuration's.
+        # (Two more steps, the second measured.)
         tensor_peak = tensor_peak_bytes(one_step) if rss_peak is not None and workload == "step" else None
     memory = None
     if cuda:

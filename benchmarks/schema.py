@@ -109,7 +109,7 @@ RESULT_SCHEMA: dict[str, Any] = {
                     # what "allocated" means: the CUDA caching allocator's counters, or (CPU) the
                     # resident set of a process that ran this one configuration
                     "source": {"enum": ["cuda_allocator", "peak_rss"]},
-                    # CPU steps: the most tensor memory one more step held at once (benchmarks.tensor_peak)
+                    # CPU steps: the most tensor memory a step held at once (benchmarks.tensor_peak)
                     "step_tensor_peak_bytes": _BYTES,
                 },
                 nullable=True,

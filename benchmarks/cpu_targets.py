@@ -46,8 +46,9 @@ from dreamblend.ops import resolved_backend_name
 __all__ = ["main", "matching_revisions", "memory_rows", "op_rows", "ranking_rows"]
 
 RESULTS = ROOT / "benchmarks" / "results"
-# What a timing depends on: the ops (C++ and Triton sources included), the processor, store and sampler a
-# guided step runs, the toy model, the build, and the harness modules that build and time the workloads.
+# What a record depends on: the ops (C++ and Triton sources included), the processor, store and sampler a
+# guided step runs, the toy model, the build, and the harness modules that build, time and measure the
+# workloads.
 # A revision that differs from the working tree here measured other code; one that differs elsewhere
 # (commands, web app, JeDi, docs) did not.
 MEASURED_CODE = (
@@ -65,6 +66,7 @@ MEASURED_CODE = (
     "benchmarks/models.py",
     "benchmarks/paired.py",
     "benchmarks/peers.py",
+    "benchmarks/tensor_peak.py",
     "benchmarks/workloads.py",
 )
 OP_SPEEDUP = 1.5  # over the torch reference

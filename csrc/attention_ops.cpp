@@ -165,15 +165,47 @@ inline V pow2(V n) { return std::ldexp(1.0f, static_cast<int>(n)); }
 inline V select_ge(V x, float cut, V a) { return x >= cut ? a : 0.0f; }
 inline float hsum(V a) { return a; }
 inline float hmax(V a) { return a; }
-using Index = int64_t;  // one lane: no offsets
-inline Index lanes_apart(int64_t) { return 0; }
-inline V gather(const float* p, Index) { return *p; }
-inline V gather_tail(const float*, Index, Tail) { return 0.0f; }
+constexpr int64_t TB = 1;
+inline void transpose_block(const float* src, int64_t, float* dst, int64_t) { *dst = *src; }
 #include "row_kernels.h"
 }  // namespace portable
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define DREAMBLEND_X86_SIMD 1
+
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#endif
+namespace x86 {
+// dst's 8 rows (stride ld) = the transpose of the 8 x 8 float block at src (row stride lds): pairs of rows
+// interleaved, then pairs of pairs, then the 128-bit halves swapped across. AVX2 and AVX-512 levels share it.
+inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ld) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);  // a0 b0 a1 b1 | a4 b4 a5 b5
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    for (int j = 0; j < 2; ++j) {
+      r[i + 2 * j] = _mm256_shuffle_ps(t[i + j], t[i + j + 2], 0x44);  // a0 b0 c0 d0 | a4 b4 c4 d4
+      r[i + 2 * j + 1] = _mm256_shuffle_ps(t[i + j], t[i + j + 2], 0xEE);
+    }
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+}  // namespace x86
+#ifdef __clang__
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
 
 #ifdef __clang__
 #pragma clang attribute push(__attribute__((target("avx512f"))), apply_to = function)
@@ -209,13 +241,10 @@ inline V pow2(V n) {
 inline V select_ge(V x, float cut, V a) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, set1(cut), _CMP_GE_OQ), a); }
 inline float hsum(V a) { return _mm512_reduce_add_ps(a); }
 inline float hmax(V a) { return _mm512_reduce_max_ps(a); }
-using Index = __m512i;  // lane offsets of a gather, in floats
-inline Index lanes_apart(int64_t stride) {
-  return _mm512_mullo_epi32(_mm512_set1_epi32(static_cast<int>(stride)),
-                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+constexpr int64_t TB = 8;  // 8 x 8 blocks: one 256-bit register per row
+inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ld) {
+  x86::transpose8x8(src, lds, dst, ld);
 }
-inline V gather(const float* p, Index i) { return _mm512_i32gather_ps(i, p, 4); }
-inline V gather_tail(const float* p, Index i, Tail t) { return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), t, i, p, 4); }
 #include "row_kernels.h"
 }  // namespace avx512
 #ifdef __clang__
@@ -271,13 +300,9 @@ inline float hmax(V a) {
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
-using Index = __m256i;
-inline Index lanes_apart(int64_t stride) {
-  return _mm256_mullo_epi32(_mm256_set1_epi32(static_cast<int>(stride)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-inline V gather(const float* p, Index i) { return _mm256_i32gather_ps(p, i, 4); }
-inline V gather_tail(const float* p, Index i, Tail t) {
-  return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, i, _mm256_castsi256_ps(t), 4);
+constexpr int64_t TB = 8;
+inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ld) {
+  x86::transpose8x8(src, lds, dst, ld);
 }
 #include "row_kernels.h"
 }  // namespace avx2
@@ -328,8 +353,8 @@ void exp_rows(const float* scores, float* probs, int64_t rows, int64_t n, float 
   DREAMBLEND_ROWS(exp_rows, scores, probs, rows, n, scale, stats)
 }
 double l1_rows(const float* a, const float* b, int64_t rows, int64_t n) { DREAMBLEND_ROWS(l1_rows, a, b, rows, n) }
-void transpose_rows(const float* src, int64_t rows, int64_t n, float* dst, int64_t ld) {
-  DREAMBLEND_ROWS(transpose_rows, src, rows, n, dst, ld)
+void transpose_rows(const float* src, int64_t lds, int64_t rows, int64_t n, float* dst, int64_t ld) {
+  DREAMBLEND_ROWS(transpose_rows, src, lds, rows, n, dst, ld)
 }
 void softmax_grad_rows(const float* probs, float* d_probs, const float* ref, float w, float scale, int64_t rows,
                        int64_t n) {
@@ -677,10 +702,7 @@ struct BrgemmProducts : TransposedGrads<BrgemmProducts> {
     }
     float* dst = c.data.data() + j * size;
     if (!c.made[j]) {
-      const float* src = x.at(t.b, h, 0);
-      for (int64_t n = 0; n < s.N; ++n) {
-        for (int64_t d = 0; d < s.D; ++d) dst[d * s.N + n] = src[n * x.sr + d];
-      }
+      transpose_rows(x.at(t.b, h, 0), x.sr, s.N, s.D, dst, s.N);
       c.made[j] = true;
     }
     return dst;
@@ -703,7 +725,7 @@ struct BrgemmProducts : TransposedGrads<BrgemmProducts> {
   void transposed_product(Scratch& w, const Tile& t, const float* x, const float* rows, int64_t ld,
                           float* part) const {
     w.t.resize(s.N * kTileRows);
-    transpose_rows(x, t.rows, s.N, w.t.data(), t.rows);
+    transpose_rows(x, s.N, t.rows, s.N, w.t.data(), t.rows);
     cpublas::brgemm(s.N, s.D, t.rows, t.rows, ld, s.D, false, w.t.data(), rows, part);
   }
 };

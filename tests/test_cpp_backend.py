@@ -228,18 +228,26 @@ def simd(request):
 F32_VS_F64 = dict(rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("tokens", [None, [0, 38, 38, 76]], ids=["all_tokens", "subset"])
 @pytest.mark.parametrize("op", ["capture", "guided"])
-def test_every_simd_level_matches_float64(simd, op, tokens):
-    """The softmax, L1 and softmax-backward row kernels of each instruction set, through both ops and
-    both map paths (all tokens: fused into the probability rows; a subset: a separate map tile), with
-    M = 300 and N = 77 so that rows end in a partial vector."""
+def test_every_simd_level_matches_float64(simd, op, tokens, threads):
+    """The softmax, L1, softmax-backward and transpose row kernels of each instruction set, through both
+    ops and both map paths (all tokens: fused into the probability rows; a subset: a separate map tile),
+    with M = 300 and N = 77 so that rows end in a partial vector and the transposes (k and v as (77, 40),
+    P and dS as (300 - 256, 77) and (256, 77)) have partial blocks. Two threads take oneDNN's float32
+    products, which transpose their operands, on any CPU; one thread takes them off Intel CPUs only."""
     q, k, v = make_qkv(2, 3, 300, 77, 40)
     ref = reference_map_with_margin(q, k, v, tokens, False) if op == "guided" else None
     out64, second64, grads64 = run_op(op, "torch", q, k, v, ref, tokens, False, "both")
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref32 = None if ref is None else ref.float()
-    out, second, grads = run_op(op, "cpp", q32, k32, v32, ref32, tokens, False, "both")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, second, grads = run_op(op, "cpp", q32, k32, v32, ref32, tokens, False, "both")
+    finally:
+        torch.set_num_threads(previous)
     torch.testing.assert_close(out.double(), out64, **F32_VS_F64)
     torch.testing.assert_close(second.double(), second64, **F32_VS_F64)
     for grad, grad64 in zip(grads, grads64, strict=True):

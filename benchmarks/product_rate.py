@@ -3,7 +3,8 @@
 The op computes, per tile of 256 query rows and per head, ``S = q k^T`` (256 x D by D x 77) and
 ``O = P V`` (256 x 77 by 77 x D) through ATen's ``cpublas::brgemm``, as ``BrgemmProducts`` in
 ``csrc/attention_ops.cpp`` calls it (row strides as the processor's layout gives them: q rows
-``H * D`` apart, ``k^T`` and ``P`` rows 77 apart). This times those calls alone, over the heads of one
+``H * D`` apart, ``P`` rows 77 apart; ``k^T`` is zero-padded to 80 columns, so S comes out 80 wide, and
+its rate counts the 77 useful columns). This times those calls alone, over the heads of one
 SD1.5 / SDXL layer, and the same products as the torch reference runs them (batched ``torch.matmul``
 over the heads) and one large ``torch.mm`` (1024^3), on one thread. Where the micro-kernel already
 runs at the large product's rate, a float32 op that must do these products cannot get faster by
@@ -29,6 +30,7 @@ from benchmarks.bench_cpu_ops import LAYERS, TEXT_TOKENS, environment
 
 RESULTS = Path(__file__).resolve().parent / "results" / "product_rate.jsonl"
 TILE_ROWS = 256  # kTileRows in csrc/attention_ops.cpp
+SCORE_COLUMNS = 16  # BrgemmProducts::score_ld(): S and dP rows are N rounded up to this
 
 _SOURCE = r"""
 #include <ATen/native/CPUBlas.h>
@@ -88,16 +90,24 @@ def main(argv: list[str] | None = None) -> None:
     for model, layers in LAYERS.items():
         for m, heads, d in layers:
             n = TEXT_TOKENS
+            wide = -(-n // SCORE_COLUMNS) * SCORE_COLUMNS
             q, k = torch.randn(heads, m, d), torch.randn(heads, n, d)
             p, v = torch.softmax(torch.randn(heads, m, n), -1), torch.randn(heads, n, d)
-            # (M, N, K, lda, ldb, ldc, A and B head offsets) of the op's call per tile and head: q and v rows
-            # H * D apart, k^T transposed per head, P a (rows, N) tile; and the reference's batched operands.
+            # (M, N, K, lda, ldb, ldc, A and B head offsets) of the op's call per tile and head, and the
+            # useful share of its columns: q and v rows H * D apart, k^T transposed per head into `wide`
+            # columns, P a (rows, N) tile; and the reference's batched operands.
             products = {
-                "q k^T": ((TILE_ROWS, n, d, heads * d, n, n, d, d * n), (q, k.transpose(-1, -2))),
-                "P V": ((TILE_ROWS, d, n, n, heads * d, heads * d, TILE_ROWS * n, d), (p, v)),
+                "q k^T": (
+                    (TILE_ROWS, wide, d, heads * d, wide, wide, d, d * wide),
+                    n / wide,
+                    (q, k.transpose(-1, -2)),
+                ),
+                "P V": ((TILE_ROWS, d, n, n, heads * d, heads * d, TILE_ROWS * n, d), 1.0, (p, v)),
             }
-            for name, (shape, (a, b)) in products.items():
-                brgemm = best_rate(lambda shape=shape, h=heads: ext.brgemm_rate(*shape, h, args.reps))
+            for name, (shape, useful, (a, b)) in products.items():
+                brgemm = useful * best_rate(
+                    lambda shape=shape, h=heads: ext.brgemm_rate(*shape, h, args.reps)
+                )
                 batched = best_rate(lambda a=a, b=b: matmul_rate(a, b, max(2, args.reps // 10)))
                 print(
                     f"{model} M={m} H={heads} D={d} {name}: brgemm {brgemm:.1f}, "

@@ -46,6 +46,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -166,7 +167,7 @@ inline V select_ge(V x, float cut, V a) { return x >= cut ? a : 0.0f; }
 inline float hsum(V a) { return a; }
 inline float hmax(V a) { return a; }
 constexpr int64_t TB = 1;
-inline void transpose_block(const float* src, int64_t, float* dst, int64_t) { *dst = *src; }
+inline void transpose_block(const float* src, int64_t, float* dst, int64_t) { std::memcpy(dst, src, sizeof(float)); }
 #include "row_kernels.h"
 }  // namespace portable
 
@@ -182,7 +183,8 @@ inline void transpose_block(const float* src, int64_t, float* dst, int64_t) { *d
 namespace x86 {
 // dst's 8 rows (stride ld) = the transpose of the 8 x 8 float block at src (row stride lds): pairs of rows
 // interleaved, then pairs of pairs, then the 128-bit halves swapped across. AVX2 and AVX-512 levels share it.
-inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ld) {
+constexpr int64_t TB = 8;
+inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ld) {
   __m256 r[8], t[8];
   for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
   for (int i = 0; i < 8; i += 2) {
@@ -241,10 +243,8 @@ inline V pow2(V n) {
 inline V select_ge(V x, float cut, V a) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, set1(cut), _CMP_GE_OQ), a); }
 inline float hsum(V a) { return _mm512_reduce_add_ps(a); }
 inline float hmax(V a) { return _mm512_reduce_max_ps(a); }
-constexpr int64_t TB = 8;  // 8 x 8 blocks: one 256-bit register per row
-inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ld) {
-  x86::transpose8x8(src, lds, dst, ld);
-}
+using x86::TB;  // 8 x 8 blocks: one 256-bit register per row
+using x86::transpose_block;
 #include "row_kernels.h"
 }  // namespace avx512
 #ifdef __clang__
@@ -300,10 +300,8 @@ inline float hmax(V a) {
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
-constexpr int64_t TB = 8;
-inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ld) {
-  x86::transpose8x8(src, lds, dst, ld);
-}
+using x86::TB;
+using x86::transpose_block;
 #include "row_kernels.h"
 }  // namespace avx2
 #ifdef __clang__
@@ -346,25 +344,28 @@ int64_t simd_level(int64_t level) {
 #define DREAMBLEND_ROWS(name, ...) return portable::name(__VA_ARGS__);
 #endif
 
-void softmax_rows(const float* scores, float* probs, int64_t rows, int64_t n, float scale, float* stats) {
-  DREAMBLEND_ROWS(softmax_rows, scores, probs, rows, n, scale, stats)
+void softmax_rows(const float* scores, int64_t lds, float* probs, int64_t rows, int64_t n, float scale,
+                  float* stats) {
+  DREAMBLEND_ROWS(softmax_rows, scores, lds, probs, rows, n, scale, stats)
 }
-void exp_rows(const float* scores, float* probs, int64_t rows, int64_t n, float scale, const float* stats) {
-  DREAMBLEND_ROWS(exp_rows, scores, probs, rows, n, scale, stats)
+void exp_rows(const float* scores, int64_t lds, float* probs, int64_t rows, int64_t n, float scale,
+              const float* stats) {
+  DREAMBLEND_ROWS(exp_rows, scores, lds, probs, rows, n, scale, stats)
 }
 double l1_rows(const float* a, const float* b, int64_t rows, int64_t n) { DREAMBLEND_ROWS(l1_rows, a, b, rows, n) }
 void transpose_rows(const float* src, int64_t lds, int64_t rows, int64_t n, float* dst, int64_t ld) {
   DREAMBLEND_ROWS(transpose_rows, src, lds, rows, n, dst, ld)
 }
-void softmax_grad_rows(const float* probs, float* d_probs, const float* ref, float w, float scale, int64_t rows,
-                       int64_t n) {
-  DREAMBLEND_ROWS(softmax_grad_rows, probs, d_probs, ref, w, scale, rows, n)
+void softmax_grad_rows(const float* probs, float* d_probs, int64_t ldd, const float* ref, float w, float scale,
+                       int64_t rows, int64_t n) {
+  DREAMBLEND_ROWS(softmax_grad_rows, probs, d_probs, ldd, ref, w, scale, rows, n)
 }
 
 // float64 (the reference-precision path) keeps libm's exp.
-void softmax_rows(const double* scores, double* probs, int64_t rows, int64_t n, double scale, double* stats) {
+void softmax_rows(const double* scores, int64_t lds, double* probs, int64_t rows, int64_t n, double scale,
+                  double* stats) {
   for (int64_t r = 0; r < rows; ++r) {
-    const double* x = scores + r * n;
+    const double* x = scores + r * lds;
     double* y = probs + r * n;
     double top = -INFINITY;
     for (int64_t c = 0; c < n; ++c) top = std::max(top, scale * x[c]);
@@ -379,9 +380,10 @@ void softmax_rows(const double* scores, double* probs, int64_t rows, int64_t n, 
   }
 }
 
-void exp_rows(const double* scores, double* probs, int64_t rows, int64_t n, double scale, const double* stats) {
+void exp_rows(const double* scores, int64_t lds, double* probs, int64_t rows, int64_t n, double scale,
+              const double* stats) {
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < n; ++c) probs[r * n + c] = std::exp(scale * scores[r * n + c] - stats[2 * r]) * stats[2 * r + 1];
+    for (int64_t c = 0; c < n; ++c) probs[r * n + c] = std::exp(scale * scores[r * lds + c] - stats[2 * r]) * stats[2 * r + 1];
   }
 }
 
@@ -391,11 +393,11 @@ double l1_rows(const double* a, const double* b, int64_t rows, int64_t n) {
   return total;
 }
 
-void softmax_grad_rows(const double* probs, double* d_probs, const double* ref, double w, double scale, int64_t rows,
-                       int64_t n) {
+void softmax_grad_rows(const double* probs, double* d_probs, int64_t ldd, const double* ref, double w, double scale,
+                       int64_t rows, int64_t n) {
   for (int64_t r = 0; r < rows; ++r) {
     const double* p = probs + r * n;
-    double* d = d_probs + r * n;
+    double* d = d_probs + r * ldd;
     double delta = 0;
     for (int64_t c = 0; c < n; ++c) {
       if (ref) {
@@ -413,7 +415,8 @@ void softmax_grad_rows(const double* probs, double* d_probs, const double* ref, 
 // dQ = (scale dS) K, dK = (scale dS)^T Q and dV = P^T dO (the softmax backward writes scale dS). Two implementations behind one interface keep the
 // tile loops below written once: ATen's GEMMs on compute-dtype operands, and brgemm on bfloat16 ones.
 // `Store` is the element type of q, k, v, d_out and of the out and dQ rows written; `Scratch` is the
-// per-thread working memory of one parallel chunk.
+// per-thread working memory of one parallel chunk; score_ld() is the row stride of the S and dP rows it
+// writes, and so of the dS rows that dQ and dK read (P's rows are N wide).
 
 // ATen's GEMMs (MKL or oneDNN) on operands in the compute dtype T, read in place.
 template <typename T>
@@ -430,6 +433,7 @@ struct AtenProducts {
     return mat(x.at(t.b, h, t.r0), t.rows, s.D, x.sr);
   }
   at::Tensor keys(const Tile& t, int64_t h) const { return mat(k.at(t.b, h, 0), s.N, s.D, k.sr); }
+  int64_t score_ld() const { return s.N; }
   at::Tensor values(const Tile& t, int64_t h) const { return mat(v.at(t.b, h, 0), s.N, s.D, v.sr); }
 
   void scores(Scratch&, const Tile& t, int64_t h, T* out) const {
@@ -525,19 +529,20 @@ bool cpu_has_avx512bf16() {
 // can change between calls; the CPU cannot.
 bool bf16_products_supported() { return cpu_has_avx512bf16() && at::globalContext().userEnabledMkldnn(); }
 
-// (rows, n) float rows -> bf16 rows with row stride ld >= n; the columns past n are zeroed.
-void round_rows(const float* src, int64_t rows, int64_t n, BF16* dst, int64_t ld) {
+// (rows, n) float rows of stride lds -> bf16 rows with row stride ld >= n; the columns past n are zeroed.
+void round_rows(const float* src, int64_t lds, int64_t rows, int64_t n, BF16* dst, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
-    to_bf16(src + r * n, dst + r * ld, n);
+    to_bf16(src + r * lds, dst + r * ld, n);
     std::fill(dst + r * ld + n, dst + (r + 1) * ld, BF16(0.0f));
   }
 }
 
-// The transpose of (rows, n) float rows in bf16, (n, ld) with ld >= rows; columns past rows zeroed. (Gathering
-// 16 rows at a time and rounding them with one instruction ran no faster on an AMD EPYC core than this loop.)
-void round_transposed(const float* src, int64_t rows, int64_t n, BF16* dst, int64_t ld) {
+// The transpose of (rows, n) float rows of stride lds in bf16, (n, ld) with ld >= rows; columns past rows
+// zeroed. (Gathering 16 rows at a time and rounding them with one instruction ran no faster on an AMD EPYC
+// core than this loop.)
+void round_transposed(const float* src, int64_t lds, int64_t rows, int64_t n, BF16* dst, int64_t ld) {
   for (int64_t c = 0; c < n; ++c) {
-    for (int64_t r = 0; r < rows; ++r) dst[c * ld + r] = BF16(src[r * n + c]);
+    for (int64_t r = 0; r < rows; ++r) dst[c * ld + r] = BF16(src[r * lds + c]);
     std::fill(dst + c * ld + rows, dst + (c + 1) * ld, BF16(0.0f));
   }
 }
@@ -549,6 +554,9 @@ void round_transposed(const float* src, int64_t rows, int64_t n, BF16* dst, int6
 void pack_b(const BF16* src, int64_t ld, bool transposed, int64_t k, int64_t n, BF16* dst) {
   const int64_t kp = round_up(k, 2), np = packed_cols(n);
   const BF16 zero(0.0f);
+  // Transposed, B's pair (r, r + 1) at column c is src's adjacent pair (c, r), (c, r + 1): a block is the
+  // transpose of src's 32-bit words, where k and ld are even and src lies on a word boundary.
+  const bool words = k % 2 == 0 && ld % 2 == 0 && reinterpret_cast<std::uintptr_t>(src) % sizeof(float) == 0;
   for (int64_t c0 = 0; c0 < np; c0 += 64) {
     const int64_t width = std::min<int64_t>(64, np - c0), live = std::max<int64_t>(0, std::min(width, n - c0));
     BF16* block = dst + kp * c0;
@@ -557,6 +565,12 @@ void pack_b(const BF16* src, int64_t ld, bool transposed, int64_t k, int64_t n, 
         interleave_rows(src + r * ld + c0, r + 1 < k ? src + (r + 1) * ld + c0 : nullptr, live, width,
                         block + r * width);
       }
+      continue;
+    }
+    if (words) {
+      transpose_rows(reinterpret_cast<const float*>(src + c0 * ld), ld / 2, live, k / 2,
+                     reinterpret_cast<float*>(block), width);
+      for (int64_t r = 0; r < k / 2; ++r) std::fill(block + 2 * (r * width + live), block + 2 * (r + 1) * width, zero);
       continue;
     }
     for (int64_t r = 0; r < kp; ++r) {
@@ -582,18 +596,19 @@ void brgemm_rows(int64_t rows, int64_t k, int64_t n, const BF16* a, int64_t lda,
 }
 
 // dK = (scale dS)^T Q and dV = P^T dO for products whose A operand must be transposed explicitly: each
-// passes the tile's (rows, N) float rows and its q or dO rows to its own transposed_product.
+// passes the tile's (rows, N) float rows (dS's of stride score_ld(), P's of N) and its q or dO rows to its
+// own transposed_product.
 template <typename Products>
 struct TransposedGrads {
   template <typename Scratch>
   void grad_k(Scratch& w, const Tile& t, int64_t h, const float* ds, float* part) const {
     const Products& mm = static_cast<const Products&>(*this);
-    mm.transposed_product(w, t, ds, mm.q.at(t.b, h, t.r0), mm.q.sr, part);
+    mm.transposed_product(w, t, ds, mm.score_ld(), mm.q.at(t.b, h, t.r0), mm.q.sr, part);
   }
   template <typename Scratch>
   void grad_v(Scratch& w, const Tile& t, int64_t h, const float* p, float* part) const {
     const Products& mm = static_cast<const Products&>(*this);
-    mm.transposed_product(w, t, p, mm.d_out.at(t.b, h, t.r0), mm.d_out.sr, part);
+    mm.transposed_product(w, t, p, mm.s.N, mm.d_out.at(t.b, h, t.r0), mm.d_out.sr, part);
   }
 };
 
@@ -633,36 +648,39 @@ struct Bf16Products : TransposedGrads<Bf16Products> {
     });
   }
 
+  // S and dP come out as wide as the packed k^T and v^T (N rounded up to 16 columns; the extra ones are
+  // zero products, never read).
+  int64_t score_ld() const { return packed_cols(s.N); }
   const BF16* packed(const std::vector<BF16>& all, const Tile& t, int64_t h) const {
     return all.data() + (t.b * s.H + h) * (all.size() / (s.B * s.H));
   }
   void scores(Scratch&, const Tile& t, int64_t h, float* out) const {
-    brgemm_rows(t.rows, s.D, s.N, q.at(t.b, h, t.r0), q.sr, packed(keys_t, t, h), out, s.N);
+    brgemm_rows(t.rows, s.D, score_ld(), q.at(t.b, h, t.r0), q.sr, packed(keys_t, t, h), out, score_ld());
   }
   void attend(Scratch& w, const Tile& t, int64_t h, const float* p, const Strided<BF16>& out) const {
-    rounded_product(w, t, h, p, packed(values, t, h), out);
+    rounded_product(w, t, h, p, s.N, packed(values, t, h), out);
   }
   void d_probs(Scratch&, const Tile& t, int64_t h, float* dp) const {
-    brgemm_rows(t.rows, s.D, s.N, d_out.at(t.b, h, t.r0), d_out.sr, packed(values_t, t, h), dp, s.N);
+    brgemm_rows(t.rows, s.D, score_ld(), d_out.at(t.b, h, t.r0), d_out.sr, packed(values_t, t, h), dp, score_ld());
   }
   void grad_q(Scratch& w, const Tile& t, int64_t h, const float* ds, const Strided<BF16>& dq) const {
-    rounded_product(w, t, h, ds, packed(keys, t, h), dq);
+    rounded_product(w, t, h, ds, score_ld(), packed(keys, t, h), dq);
   }
-  // O and dQ: bf16(x) for the tile's (rows, N) float rows x, times a packed (N, D) operand, rounded into the
-  // tile's bf16 rows of `rows`.
-  void rounded_product(Scratch& w, const Tile& t, int64_t h, const float* x, const BF16* b,
+  // O and dQ: bf16(x) for the tile's (rows, N) float rows x of stride lds, times a packed (N, D) operand,
+  // rounded into the tile's bf16 rows of `rows`.
+  void rounded_product(Scratch& w, const Tile& t, int64_t h, const float* x, int64_t lds, const BF16* b,
                        const Strided<BF16>& rows) const {
     const int64_t ld = round_up(s.N, 2);
-    round_rows(x, t.rows, s.N, w.a.data(), ld);
+    round_rows(x, lds, t.rows, s.N, w.a.data(), ld);
     brgemm_rows(t.rows, s.N, s.D, w.a.data(), ld, b, w.c.data(), s.D);
     for (int64_t r = 0; r < t.rows; ++r) to_bf16(w.c.data() + r * s.D, rows.at(t.b, h, t.r0 + r), s.D);
   }
   // dK and dV (TransposedGrads): (N, rows) A operands (transposed, rounded) against the tile's q or dO rows
   // packed as B.
-  void transposed_product(Scratch& w, const Tile& t, const float* x, const BF16* rows, int64_t ld,
+  void transposed_product(Scratch& w, const Tile& t, const float* x, int64_t lds, const BF16* rows, int64_t ld,
                           float* part) const {
     const int64_t lda = round_up(t.rows, 2);
-    round_transposed(x, t.rows, s.N, w.a.data(), lda);
+    round_transposed(x, lds, t.rows, s.N, w.a.data(), lda);
     pack_b(rows, ld, false, t.rows, s.D, w.packed.data());
     brgemm_rows(s.N, t.rows, s.D, w.a.data(), lda, w.packed.data(), part, s.D);
   }
@@ -675,8 +693,9 @@ struct Bf16Products : TransposedGrads<Bf16Products> {
 // micro-kernel (no AVX-512), torch's brgemm runs its GEMM instead.
 struct BrgemmProducts : TransposedGrads<BrgemmProducts> {
   using Store = float;
-  // The (D, N) transposes of one operand (k or v) for the heads of the head group a chunk works on:
-  // a chunk's tiles run group by group, so each head is transposed once per chunk.
+  // The (D, score_ld()) transposes of one operand (k or v) for the heads of the head group a chunk works on:
+  // a chunk's tiles run group by group, so each head is transposed once per chunk. Columns N and up stay
+  // zero (the buffer's size never changes within a call, and nothing writes them).
   struct Transposes {
     std::vector<float> data;
     std::vector<bool> made;
@@ -692,9 +711,15 @@ struct BrgemmProducts : TransposedGrads<BrgemmProducts> {
   Shape s;
   Strided<float> q, k, v, d_out;  // all read in place: K and V are the B operands of O and dQ
 
-  // Head h's (D, N) transpose of x (k or v), made the first time the chunk needs it for the tile's group.
+  // S and dP come out N rounded up to whole 16-float vectors wide, against zero columns of k^T and v^T:
+  // oneDNN's kernel ran q k^T for SD1.5's 256-query layer at 97-101 GFLOPS so (80 columns), 93-95 at N = 77
+  // on one AMD EPYC (Zen 4) core. The extra columns are never read.
+  int64_t score_ld() const { return round_up(s.N, 16); }
+
+  // Head h's (D, N) transpose of x (k or v), rows score_ld() apart, made the first time the chunk needs it
+  // for the tile's group.
   const float* transposed(const Strided<float>& x, const Tile& t, int64_t h, Transposes& c) const {
-    const int64_t size = s.D * s.N, group = t.b * s.H + t.h0, j = h - t.h0;
+    const int64_t ld = score_ld(), size = s.D * ld, group = t.b * s.H + t.h0, j = h - t.h0;
     if (c.group != group) {
       c.data.resize(s.group * size);
       c.made.assign(s.group, false);
@@ -702,30 +727,33 @@ struct BrgemmProducts : TransposedGrads<BrgemmProducts> {
     }
     float* dst = c.data.data() + j * size;
     if (!c.made[j]) {
-      transpose_rows(x.at(t.b, h, 0), x.sr, s.N, s.D, dst, s.N);
+      transpose_rows(x.at(t.b, h, 0), x.sr, s.N, s.D, dst, ld);
       c.made[j] = true;
     }
     return dst;
   }
 
   void scores(Scratch& w, const Tile& t, int64_t h, float* out) const {
-    cpublas::brgemm(t.rows, s.N, s.D, q.sr, s.N, s.N, false, q.at(t.b, h, t.r0), transposed(k, t, h, w.keys_t), out);
+    const int64_t ld = score_ld();
+    cpublas::brgemm(t.rows, ld, s.D, q.sr, ld, ld, false, q.at(t.b, h, t.r0), transposed(k, t, h, w.keys_t), out);
   }
   void attend(Scratch&, const Tile& t, int64_t h, const float* p, const Strided<float>& out) const {
     cpublas::brgemm(t.rows, s.D, s.N, s.N, v.sr, out.sr, false, p, v.at(t.b, h, 0), out.at(t.b, h, t.r0));
   }
   void d_probs(Scratch& w, const Tile& t, int64_t h, float* dp) const {
-    cpublas::brgemm(t.rows, s.N, s.D, d_out.sr, s.N, s.N, false, d_out.at(t.b, h, t.r0),
-                    transposed(v, t, h, w.values_t), dp);
+    const int64_t ld = score_ld();
+    cpublas::brgemm(t.rows, ld, s.D, d_out.sr, ld, ld, false, d_out.at(t.b, h, t.r0), transposed(v, t, h, w.values_t),
+                    dp);
   }
   void grad_q(Scratch&, const Tile& t, int64_t h, const float* ds, const Strided<float>& dq) const {
-    cpublas::brgemm(t.rows, s.D, s.N, s.N, k.sr, dq.sr, false, ds, k.at(t.b, h, 0), dq.at(t.b, h, t.r0));
+    cpublas::brgemm(t.rows, s.D, s.N, score_ld(), k.sr, dq.sr, false, ds, k.at(t.b, h, 0), dq.at(t.b, h, t.r0));
   }
-  // dK and dV (TransposedGrads): part (N, D) = x^T rows for the tile's (rows, N) float rows x and (rows, D) rows of stride ld.
-  void transposed_product(Scratch& w, const Tile& t, const float* x, const float* rows, int64_t ld,
+  // dK and dV (TransposedGrads): part (N, D) = x^T rows for the tile's (rows, N) float rows x of stride lds and
+  // (rows, D) rows of stride ld.
+  void transposed_product(Scratch& w, const Tile& t, const float* x, int64_t lds, const float* rows, int64_t ld,
                           float* part) const {
     w.t.resize(s.N * kTileRows);
-    transpose_rows(x, s.N, t.rows, s.N, w.t.data(), t.rows);
+    transpose_rows(x, lds, t.rows, s.N, w.t.data(), t.rows);
     cpublas::brgemm(s.N, s.D, t.rows, t.rows, ld, s.D, false, w.t.data(), rows, part);
   }
 };
@@ -740,14 +768,15 @@ template <typename T, typename Products>
 void tile_probs(const Problem<T>& in, const Products& mm, typename Products::Scratch& w, const Tile& t, T* scores,
                 T* probs, typename Problem<T>::Scalar* stats_out, const typename Problem<T>::Scalar* stats_in) {
   const Shape& s = in.s;
+  const int64_t lds = mm.score_ld();
   for (int64_t j = 0; j < s.group; ++j) {
     mm.scores(w, t, t.h0 + j, scores);
     const int64_t row_stats = ((t.b * s.H + t.h0 + j) * s.M + t.r0) * 2;
     T* p = probs + j * t.rows * s.N;
     if (stats_in) {
-      exp_rows(scores, p, t.rows, s.N, in.scale, stats_in + row_stats);
+      exp_rows(scores, lds, p, t.rows, s.N, in.scale, stats_in + row_stats);
     } else {
-      softmax_rows(scores, p, t.rows, s.N, in.scale, stats_out ? stats_out + row_stats : nullptr);
+      softmax_rows(scores, lds, p, t.rows, s.N, in.scale, stats_out ? stats_out + row_stats : nullptr);
     }
   }
 }
@@ -779,7 +808,7 @@ void forward(const Problem<T>& in, const Products& mm, const Strided<typename Pr
     // Fused capture: the probability rows are the map rows, so softmax writes into the maps (from scores
     // in a cache-resident tile: the softmax in place on the map rows was slower).
     const bool all_into_maps = in.fused && maps && s.map_b0 == 0 && s.map_b1 == s.B;
-    std::vector<T> scores(kTileRows * s.N), probs(all_into_maps ? 0 : s.group * kTileRows * s.N),
+    std::vector<T> scores(kTileRows * mm.score_ld()), probs(all_into_maps ? 0 : s.group * kTileRows * s.N),
         map(map_tile ? kTileRows * s.T : 0);
     for (int64_t i = begin; i < end; ++i) {
       const Tile t = locate(s, i);
@@ -824,7 +853,8 @@ void backward(const Problem<T>& in, const Products& mm, const Grads<T, typename 
     typename Products::Scratch w(s);
     // Fused guided backward: the L1 sign is formed per probability row below, no map tile.
     const bool fused_l1 = in.fused && g.d_loss;
-    std::vector<T> scores(kTileRows * s.N), probs(s.group * kTileRows * s.N), d_probs(kTileRows * s.N),
+    const int64_t ldd = mm.score_ld();  // dP's and dS's row stride
+    std::vector<T> scores(kTileRows * ldd), probs(s.group * kTileRows * s.N), d_probs(kTileRows * ldd),
         e(g.d_maps || (g.d_loss && !fused_l1) ? kTileRows * s.T : 0);
     for (int64_t i = begin; i < end; ++i) {
       const Tile t = locate(s, i);
@@ -855,12 +885,12 @@ void backward(const Problem<T>& in, const Products& mm, const Grads<T, typename 
         }
         if (has_map_grad && !fused_l1) {
           for (int64_t r = 0; r < t.rows; ++r) {
-            for (int64_t c = 0; c < s.T; ++c) dp[r * s.N + in.column(c)] += e[r * s.T + c];  // repeats add up
+            for (int64_t c = 0; c < s.T; ++c) dp[r * ldd + in.column(c)] += e[r * s.T + c];  // repeats add up
           }
         }
         // Fused guided backward: dP += sign(P - ref) d_loss / H on the way; then scale dS = scale P (dP - Delta)
         // in place, the operand of both dQ and dK.
-        softmax_grad_rows(p, dp, fused_l1 ? g.ref + t.map_offset : nullptr,
+        softmax_grad_rows(p, dp, ldd, fused_l1 ? g.ref + t.map_offset : nullptr,
                           fused_l1 ? g.d_loss[t.b] / T(s.H) : T(0), in.scale, t.rows, s.N);
         const int64_t part = ((t.b * s.H + h) * s.chunks + t.chunk) * s.N * s.D;
         if (g.dq) mm.grad_q(w, t, h, dp, g.dq);

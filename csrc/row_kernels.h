@@ -30,15 +30,17 @@ inline V tail_scores(const float* x, Tail tail, V scale) {
   return where_tail(tail, mul(load_tail(x, tail, 0.0f), scale), -INFINITY);
 }
 
-// Row-wise softmax of scale * scores (the scale multiplies first, so any sign works). The tail vector stays
-// in a register between passes: a masked store read back by a masked load misses store forwarding. With
-// `stats`, each row's (shift, 1 / sum) pair is written to stats[2 r], stats[2 r + 1] for exp_rows.
-void softmax_rows(const float* scores, float* probs, int64_t rows, int64_t n, float scale, float* stats) {
+// Row-wise softmax of scale * scores (row stride lds >= n; the scale multiplies first, so any sign works)
+// into n-wide rows. The tail vector stays in a register between passes: a masked store read back by a
+// masked load misses store forwarding. With `stats`, each row's (shift, 1 / sum) pair is written to
+// stats[2 r], stats[2 r + 1] for exp_rows.
+void softmax_rows(const float* scores, int64_t lds, float* probs, int64_t rows, int64_t n, float scale,
+                  float* stats) {
   const int64_t body = n - n % W;
   const Tail tail = tail_of(n % W);
   const V w = set1(scale);
   for (int64_t r = 0; r < rows; ++r) {
-    const float* x = scores + r * n;
+    const float* x = scores + r * lds;
     float* y = probs + r * n;
     const V x_tail = tail_scores(x + body, tail, w);
     V top = x_tail;
@@ -66,12 +68,13 @@ void softmax_rows(const float* scores, float* probs, int64_t rows, int64_t n, fl
 // The probabilities softmax_rows wrote, rebuilt from the same scores and its row statistics in one pass:
 // the same operations on the same values, so bitwise the same P (the backward's recompute without the
 // max and sum passes).
-void exp_rows(const float* scores, float* probs, int64_t rows, int64_t n, float scale, const float* stats) {
+void exp_rows(const float* scores, int64_t lds, float* probs, int64_t rows, int64_t n, float scale,
+              const float* stats) {
   const int64_t body = n - n % W;
   const Tail tail = tail_of(n % W);
   const V w = set1(scale);
   for (int64_t r = 0; r < rows; ++r) {
-    const float* x = scores + r * n;
+    const float* x = scores + r * lds;
     float* y = probs + r * n;
     const V shift = set1(stats[2 * r]), inv = set1(stats[2 * r + 1]);
     for (int64_t c = 0; c < body; c += W) store(y + c, mul(shifted_exp(load(x + c), w, shift), inv));
@@ -95,17 +98,17 @@ double l1_rows(const float* a, const float* b, int64_t rows, int64_t n) {
   return total;
 }
 
-// Softmax backward in place: dP += w sign(P - ref) first when ref is given (the L1 loss's gradient,
-// fused guided case), then Delta = rowsum(P dP) and dS = P (dP - Delta), written times `scale` (the softmax
-// scale: dQ and dK both take scale dS).
-void softmax_grad_rows(const float* probs, float* d_probs, const float* ref, float w, float scale, int64_t rows,
-                       int64_t n) {
+// Softmax backward in place on dP's rows (stride ldd; P's and ref's are n-wide): dP += w sign(P - ref) first
+// when ref is given (the L1 loss's gradient, fused guided case), then Delta = rowsum(P dP) and
+// dS = P (dP - Delta), written times `scale` (the softmax scale: dQ and dK both take scale dS).
+void softmax_grad_rows(const float* probs, float* d_probs, int64_t ldd, const float* ref, float w, float scale,
+                       int64_t rows, int64_t n) {
   const int64_t body = n - n % W;
   const Tail tail = tail_of(n % W);
   const V weight = set1(w), out_scale = set1(scale);
   for (int64_t r = 0; r < rows; ++r) {
     const float* p = probs + r * n;
-    float* d = d_probs + r * n;
+    float* d = d_probs + r * ldd;
     const float* e = ref ? ref + r * n : nullptr;
     const V p_tail = load_tail(p + body, tail, 0.0f);
     V d_tail = load_tail(d + body, tail, 0.0f);
@@ -130,16 +133,18 @@ void softmax_grad_rows(const float* probs, float* d_probs, const float* ref, flo
 // left as they are. TB x TB blocks go through registers (transpose_block), the edges element by element:
 // on one AMD EPYC (Zen 4) core a plain loop's strided stores took 41-71 us for SD1.5's (77, 160) keys of
 // 8 heads, 8 x 8 blocks 16 us, and the float32 capture op ran 2-4 % faster (gathering W rows at a time had
-// been no faster than the plain loop).
+// been no faster than the plain loop). Only bits move (unaligned vector loads and stores, memcpy at the
+// edges), so pairs of bfloat16 go through it as 32-bit words too (pack_b).
 void transpose_rows(const float* src, int64_t lds, int64_t rows, int64_t n, float* dst, int64_t ld) {
   const int64_t row_body = rows - rows % TB, col_body = n - n % TB;
+  const auto copy = [&](int64_t i, int64_t c) { std::memcpy(dst + c * ld + i, src + i * lds + c, sizeof(float)); };
   for (int64_t r = 0; r < row_body; r += TB) {
     for (int64_t c = 0; c < col_body; c += TB) transpose_block(src + r * lds + c, lds, dst + c * ld + r, ld);
     for (int64_t c = col_body; c < n; ++c) {
-      for (int64_t i = r; i < r + TB; ++i) dst[c * ld + i] = src[i * lds + c];
+      for (int64_t i = r; i < r + TB; ++i) copy(i, c);
     }
   }
   for (int64_t i = row_body; i < rows; ++i) {
-    for (int64_t c = 0; c < n; ++c) dst[c * ld + i] = src[i * lds + c];
+    for (int64_t c = 0; c < n; ++c) copy(i, c);
   }
 }

@@ -316,6 +316,33 @@ def test_bfloat16_products_match_float64_within_rounding(products, op, tokens, d
         assert error.abs().max() <= 2 * BF16_U * want.abs().max(), name
 
 
+@pytest.mark.parametrize("layout", ["odd_row_stride", "off_word_boundary"])
+@pytest.mark.parametrize("op", ["capture", "guided"])
+def test_bf16_packing_of_unaligned_keys_and_values_is_exact(op, layout):
+    """k^T and v^T are packed as transposed 32-bit words where k and v rows lie on word boundaries, element
+    by element otherwise; either way the packed operands hold the same bits, so the results are identical."""
+    if not cpp.bf16_products_available():
+        pytest.skip("this CPU (or torch build) has no bfloat16 products")
+    b, h, m, n, d = 2, 3, 70, 77, 40
+    q, k, v = (t.detach().bfloat16() for t in make_qkv(b, h, m, n, d))
+    pad = 1 if layout == "odd_row_stride" else 2  # rows d + 1 elements apart, or from element 1 on
+    views = []
+    for t in (k, v):
+        storage = torch.zeros(b, h, n, d + pad, dtype=torch.bfloat16)
+        view = storage[..., pad - 1 : pad - 1 + d] if layout == "off_word_boundary" else storage[..., :d]
+        view.copy_(t)
+        views.append(view)
+    assert views[0].stride(2) % 2 == 1 or views[0].storage_offset() % 2 == 1
+    ref = None
+    if op == "guided":
+        ref = reference_map_with_margin(*(t.double() for t in (q, k, v)), None, False).float()
+    want = run_op(op, "cpp", q.clone().requires_grad_(), k, v, ref, None, False, "both")
+    got = run_op(op, "cpp", q.clone().requires_grad_(), *views, ref, None, False, "both")
+    for x, y in zip(got[:2], want[:2], strict=True):
+        assert torch.equal(x, y)
+    assert torch.equal(got[2][0], want[2][0])
+
+
 def test_bfloat16_with_an_odd_head_dim_stays_within_rounding(products):
     """The bf16 products read q k^T's K = D in pairs, so an odd D goes to the float32 ones under either
     setting."""
